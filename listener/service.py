@@ -1,0 +1,78 @@
+"""The listener service: storage SCP + study store + flow matching + outbox delivery.
+
+Run as ``raddeploy listen``. Needs no Airflow installation: it reaches Airflow over REST.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+
+from raddeploy_provider.config import Settings, load_settings
+from raddeploy_provider.flows import matched_triggers
+from raddeploy_provider.flows.registry import FlowRegistry
+from raddeploy_provider.store import IngestResult, StudyStore
+from raddeploy_provider.store.header import InstanceHeader
+
+from .airflow_client import AirflowClient
+from .outbox import OutboxDelivery
+from .scp import ScpConfig, StorageSCP
+
+log = logging.getLogger("raddeploy.listener")
+
+
+class Listener:
+    """Everything the listener runs, started and stopped together."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = StudyStore(settings.data_dir)
+        self.flows = FlowRegistry(settings.flows_dir)
+        self.client = AirflowClient(settings.airflow_url, settings.airflow_user, settings.airflow_password)
+        self.outbox = OutboxDelivery(self.store.index, self.client)
+        self.scp = StorageSCP(
+            ScpConfig(ae_title=settings.ae_title, host=settings.listen_host, port=settings.listen_port),
+            self.store, self.select_flows, self.on_ingested,
+        )
+
+    def select_flows(self, header: InstanceHeader) -> list[str]:
+        """DAG ids of the valid flows with a trigger this instance satisfies."""
+        return [flow.dag_id for flow in self.flows.current().flows if matched_triggers(flow, header.tags)]
+
+    def on_ingested(self, result: IngestResult) -> None:
+        for run in result.opened:
+            log.info("study %s opened run %s of %s", run.study_uid, run.run_id, run.dag_id)
+        if result.opened:
+            self.outbox.wake()
+
+    def start(self) -> None:
+        self._clear_incoming()
+        self.flows.current()
+        self.outbox.start()  # replays whatever a previous process left pending
+        self.scp.start()
+
+    def stop(self) -> None:
+        self.scp.stop()
+        self.outbox.stop()
+
+    def _clear_incoming(self) -> None:
+        """Partial files of associations that died with a previous process: never acknowledged."""
+        for leftover in Path(self.store.layout.incoming).iterdir():
+            if leftover.is_file():
+                leftover.unlink()
+
+
+def serve(settings: Settings | None = None) -> None:
+    """Run until SIGINT or SIGTERM."""
+    listener = Listener(settings or load_settings())
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    listener.start()
+    try:
+        done.wait()
+    finally:
+        log.info("stopping")
+        listener.stop()

@@ -1,0 +1,1 @@
+"""DICOM networking shared by the send hook and the CLI (no Airflow import)."""

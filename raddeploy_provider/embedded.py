@@ -1,0 +1,177 @@
+"""The embedded default: Airflow standalone (SQLite, LocalExecutor) plus the listener.
+
+``raddeploy run`` and the end-to-end tests start the product through this one class, so the
+tests prove the path a user runs. Airflow settings follow shared/notes/airflow.md; the
+passwords are generated once and kept in ``<home>/passwords.json`` (mode 0600).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DAGS_FOLDER = REPO_ROOT / "dags"
+
+
+@dataclass
+class EmbeddedStack:
+    """Airflow standalone + listener under ``home`` (``home/airflow``, ``home/data``, ``home/logs``)."""
+
+    home: Path
+    flows_dir: Path
+    api_port: int = 8080
+    dicom_port: int = 11112
+    ae_title: str = "RADDEPLOY"
+    listen_host: str = "0.0.0.0"
+    extra_env: dict[str, str] = field(default_factory=dict)
+    listener_output: int | None = None  # None: to home/logs/listener.log
+    _airflow: subprocess.Popen | None = field(default=None, init=False, repr=False)
+    _listener: subprocess.Popen | None = field(default=None, init=False, repr=False)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    def passwords(self) -> dict[str, str]:
+        """Generated on first use, then kept, so the admin's password survives restarts."""
+        path = self.home / "passwords.json"
+        if not path.exists():
+            self.home.mkdir(parents=True, exist_ok=True)
+            values = {"admin": secrets.token_urlsafe(12), "listener": secrets.token_urlsafe(24)}
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                json.dump(values, fh)
+        return json.loads(path.read_text())
+
+    def environment(self) -> dict[str, str]:
+        """The environment both processes get: Airflow's settings and ours."""
+        venv_bin = str(Path(sys.executable).parent)
+        env = {
+            **os.environ,
+            "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}",
+            "AIRFLOW_HOME": str(self.home / "airflow"),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__PARALLELISM": "4",
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(self.api_port),
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.api_url}/execution/",
+            "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.1",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+            "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "5",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,listener:user",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.home / "passwords.json"),
+            "RADDEPLOY_DATA": str(self.data_dir),
+            "RADDEPLOY_FLOWS": str(self.flows_dir),
+            "RADDEPLOY_AIRFLOW_URL": self.api_url,
+            "RADDEPLOY_AIRFLOW_USER": "listener",
+            "RADDEPLOY_AIRFLOW_PASSWORD": self.passwords()["listener"],
+            "RADDEPLOY_LISTEN_HOST": self.listen_host,
+            "RADDEPLOY_LISTEN_PORT": str(self.dicom_port),
+            "RADDEPLOY_AE_TITLE": self.ae_title,
+            "PYTHONUNBUFFERED": "1",
+        }
+        env.update(self.extra_env)
+        return env
+
+    def start(self, timeout: float = 180.0) -> None:
+        """Start Airflow, wait until it answers, start the listener, wait until it listens."""
+        for folder in (self.logs_dir, self.data_dir, self.home / "airflow"):
+            folder.mkdir(parents=True, exist_ok=True)
+        env = self.environment()
+        for port in (self.api_port, self.dicom_port):
+            if _port_open(port):
+                raise RuntimeError(f"port {port} is already in use: stop what uses it or choose another port")
+        self._airflow = subprocess.Popen(
+            ["airflow", "standalone"], env=env, cwd=self.home,
+            stdout=open(self.logs_dir / "airflow.log", "ab"), stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C reaches us; we stop Airflow in order
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        self._wait(lambda: self._airflow_healthy(), timeout, "Airflow", self._airflow)
+        out = self.listener_output if self.listener_output is not None else open(self.logs_dir / "listener.log", "ab")
+        self._listener = subprocess.Popen(
+            [sys.executable, "-m", "listener"], env=env, cwd=self.home,
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self._wait(lambda: _port_open(self.dicom_port), 30, "listener", self._listener)
+
+    def _airflow_healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.api_url}/api/v2/monitor/health", timeout=2) as resp:
+                health = json.loads(resp.read())
+        except OSError:
+            return False
+        return all(health.get(part, {}).get("status") == "healthy"
+                   for part in ("metadatabase", "scheduler", "triggerer", "dag_processor"))
+
+    def _wait(self, ready, timeout: float, what: str, proc: subprocess.Popen) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if ready():
+                return
+            if proc.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"{what} exited with code {proc.returncode}; see {self.logs_dir}")
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"{what} not ready after {timeout:.0f} s; see {self.logs_dir}")
+
+    def restart_listener(self, kill: bool = False) -> None:
+        """Stop (or SIGKILL) the listener and start it again: for tests of crash recovery."""
+        _stop_process(self._listener, signal.SIGKILL if kill else signal.SIGTERM)
+        out = self.listener_output if self.listener_output is not None else open(self.logs_dir / "listener.log", "ab")
+        self._listener = subprocess.Popen([sys.executable, "-m", "listener"], env=self.environment(),
+                                          cwd=self.home, stdout=out, stderr=subprocess.STDOUT,
+                                          start_new_session=True)
+        self._wait(lambda: _port_open(self.dicom_port), 30, "listener", self._listener)
+
+    def stop(self) -> None:
+        """Listener first (it stops accepting), then Airflow with SIGINT, escalating for stragglers."""
+        _stop_process(self._listener, signal.SIGTERM)
+        _stop_process(self._airflow, signal.SIGINT, grace=30)
+        self._listener = self._airflow = None
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _stop_process(proc: subprocess.Popen | None, sig: int, grace: float = 10.0) -> None:
+    """Signal ``proc``, wait, then TERM and KILL its whole process group (its children too)."""
+    if proc is None:
+        return
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    for escalate in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, escalate)
+        except ProcessLookupError:
+            break
+        time.sleep(1.0 if escalate == signal.SIGTERM else 0)
+    proc.wait()

@@ -1,0 +1,15 @@
+"""Flow files: the typed model, loading both spellings, validation and trigger matching.
+
+No Airflow import here: the listener and the CLI use this package without Airflow.
+"""
+
+from .errors import FlowError
+from .loader import LoadResult, load_flow, load_flows, parse_duration
+from .matching import matched_triggers, trigger_matches, unmet_triggers
+from .model import SOURCE_MOUNT, Destination, Flow, ModelSpec, Trigger
+
+__all__ = [
+    "FlowError", "LoadResult", "load_flow", "load_flows", "parse_duration",
+    "matched_triggers", "trigger_matches", "unmet_triggers",
+    "SOURCE_MOUNT", "Destination", "Flow", "ModelSpec", "Trigger",
+]

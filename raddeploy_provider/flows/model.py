@@ -1,0 +1,117 @@
+"""The typed model every flow file loads into, whichever spelling it was written in.
+
+Plain frozen dataclasses, no Airflow: the listener, the CLI, the DAG factory and the sensor
+all share these objects.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """One regex of a trigger condition; ``exclude`` for the ``~`` form (must NOT match)."""
+
+    source: str
+    regex: re.Pattern[str]
+    exclude: bool = False
+
+
+@dataclass(frozen=True)
+class Condition:
+    """Every pattern must hold for the value of one DICOM keyword."""
+
+    keyword: str
+    patterns: tuple[Pattern, ...]
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """Every condition must hold for the same instance."""
+
+    conditions: tuple[Condition, ...]
+
+    def describe(self) -> str:
+        """Human text for logs and run notes, e.g. ``Modality=CT, SeriesDescription~scout``."""
+        parts = []
+        for cond in self.conditions:
+            for pat in cond.patterns:
+                parts.append(f"{cond.keyword}{'!~' if pat.exclude else '='}{pat.source}")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """When a study is complete enough to run (read by the fingerprint sensor)."""
+
+    quiet_period: float = 5.0
+    timeout: float = 1800.0
+    on_timeout: str = "skip"  # skip | fail | proceed
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How the matched instances are laid out in the run's ``input/`` folder."""
+
+    layout: tuple[str, ...] = ()  # () = flat; else keywords naming nested folders
+    whole_series: bool = True
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One container task. ``inputs``/``outputs`` map a mount name to a container path."""
+
+    name: str
+    image: str
+    command: tuple[str, ...] | str | None = None
+    environment: dict[str, str] = field(default_factory=dict)
+    inputs: dict[str, str] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+    gpu: int = 0
+    timeout: float | None = None
+    network: str = "none"
+
+    @property
+    def sent_outputs(self) -> list[str]:
+        """Outputs that destinations receive: ``dst`` and every ``dst*`` name."""
+        return [name for name in self.outputs if name.startswith("dst")]
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A DICOM node results go to: an Airflow connection id, or host/port/AE title."""
+
+    host: str | None = None
+    port: int | None = None
+    ae_title: str | None = None
+    calling_ae_title: str | None = None
+    connection: str | None = None
+
+    def describe(self) -> str:
+        if self.connection:
+            return f"connection {self.connection}"
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+#: The mount name that holds the instances the triggers matched.
+SOURCE_MOUNT = "src"
+
+
+@dataclass(frozen=True)
+class Flow:
+    """A whole flow file; ``dag_id`` is its identity in Airflow and in run folders."""
+
+    name: str
+    dag_id: str
+    source: Path
+    triggers: tuple[Trigger, ...]
+    models: tuple[ModelSpec, ...]
+    destinations: tuple[Destination, ...] = ()
+    version: str = ""
+    description: str = ""
+    grouping: Grouping = field(default_factory=Grouping)
+    input: InputSpec = field(default_factory=InputSpec)
+    file_hash: str = ""

@@ -1,0 +1,68 @@
+"""DicomSendOperator: deliver a run's results to one DICOM node."""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from typing import Any, Sequence
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowException
+
+from raddeploy_provider.dicom.scu import SendError, dicom_files
+from raddeploy_provider.hooks.dicom import DicomHook
+
+from .run_folder import mount_dir, run_dir
+
+
+class DicomSendOperator(BaseOperator):
+    """Send every file of the named outputs of this run to a DICOM node.
+
+    Files the node already accepted in an earlier try are not sent again, so a retry after a
+    partial failure sends only what is missing.
+
+    :param sources: output mount names whose files are sent (the flow's ``dst*`` outputs).
+    :param dicom_conn_id: an Airflow connection of type ``dicom``; or give the node directly:
+    :param host: the node's host.
+    :param port: the node's port.
+    :param ae_title: the node's AE title.
+    :param calling_ae_title: our AE title towards the node.
+    """
+
+    template_fields: Sequence[str] = ("dicom_conn_id", "host", "ae_title")
+    ui_color = "#f4e1c7"
+
+    def __init__(self, *, sources: Sequence[str], dicom_conn_id: str | None = None, host: str | None = None,
+                 port: int | None = None, ae_title: str | None = None, calling_ae_title: str | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.sources = list(sources)
+        self.dicom_conn_id = dicom_conn_id
+        self.host = host
+        self.port = port
+        self.ae_title = ae_title
+        self.calling_ae_title = calling_ae_title
+
+    @cached_property
+    def hook(self) -> DicomHook:
+        return DicomHook(dicom_conn_id=self.dicom_conn_id, host=self.host, port=self.port,
+                         ae_title=self.ae_title, calling_ae_title=self.calling_ae_title)
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        files = dicom_files([mount_dir(context, name) for name in self.sources])
+        if not files:
+            raise AirflowException(f"nothing to send: outputs {', '.join(self.sources)} are empty")
+        ledger = run_dir(context) / "sent" / f"{self.task_id}.json"
+        done = set(json.loads(ledger.read_text())) if ledger.exists() else set()
+        todo = [p for p in files if str(p) not in done]
+        self.log.info("sending %d files (%d already accepted earlier) to %s", len(todo), len(done),
+                      self.hook.node())
+        report = self.hook.send(todo)
+        ledger.parent.mkdir(parents=True, exist_ok=True)
+        ledger.write_text(json.dumps(sorted(done | set(report.accepted))))
+        self.log.info("send result: %s", report.summary())
+        if not report.ok:
+            for path, why in list(report.failed.items())[:20]:
+                self.log.error("not accepted: %s: %s", path, why)
+            raise SendError(report)
+        return {**report.summary(), "accepted": len(report.accepted) + len(done)}

@@ -1,0 +1,256 @@
+"""The header index, the run register and the trigger outbox, in one SQLite database (WAL).
+
+One database so that "index this instance" and "open a run for it" commit in the same
+transaction: the listener can crash at any point and either both happened or neither did.
+The fingerprint sensor closes a run in a transaction of its own before it reads the study,
+so every instance lands in the run being closed or opens the next generation (the
+invariant of the design doc). Connections are per thread: pynetdicom serves each
+association in its own thread.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    transfer_syntax TEXT NOT NULL,
+    path TEXT NOT NULL,            -- relative to the data dir
+    size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    calling_ae TEXT NOT NULL DEFAULT '',
+    peer TEXT NOT NULL DEFAULT '',
+    tags TEXT NOT NULL             -- JSON: keyword -> text or list of texts
+);
+CREATE INDEX IF NOT EXISTS instances_study ON instances (study_uid, received_at);
+CREATE TABLE IF NOT EXISTS runs (
+    dag_id TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    state TEXT NOT NULL,           -- open: collecting; closing: snapshot taken; closed
+    opened_at REAL NOT NULL,
+    closed_at REAL,
+    PRIMARY KEY (dag_id, run_id)
+);
+CREATE INDEX IF NOT EXISTS runs_study ON runs (dag_id, study_uid, state);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    dag_id TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    conf TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    delivered_at REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT NOT NULL DEFAULT '',
+    UNIQUE (dag_id, run_id)
+);
+"""
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """One index row. ``path`` is relative to the data dir so the dir can move between hosts."""
+
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    path: str
+    size: int
+    sha256: str
+    received_at: float
+    tags: dict[str, Any] = field(default_factory=dict)
+    calling_ae: str = ""
+    peer: str = ""
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """A run of one flow on one study generation; ``run_id`` is ``<StudyUID>.<generation>``."""
+
+    dag_id: str
+    run_id: str
+    study_uid: str
+    generation: int
+
+    @property
+    def conf(self) -> dict[str, Any]:
+        """The ``dag_run.conf`` Airflow gets: UIDs only, never patient data."""
+        return {"study_uid": self.study_uid, "generation": self.generation}
+
+
+@dataclass(frozen=True)
+class AddResult:
+    """What indexing one instance did."""
+
+    duplicate: bool  # the same SOP instance with the same bytes was already indexed
+    opened: list[RunRef]
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    id: int
+    dag_id: str
+    run_id: str
+    conf: dict[str, Any]
+    attempts: int
+
+
+def run_id_for(study_uid: str, generation: int) -> str:
+    return f"{study_uid}.{generation}"
+
+
+class StudyIndex:
+    """Thread-safe access to the index database at ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._local = threading.local()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._tx() as db:
+            db.executescript(SCHEMA)
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")  # an acknowledged instance survives power loss
+            db.row_factory = sqlite3.Row
+            self._local.db = db
+        return db
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    # -- instances ---------------------------------------------------------------------
+    def add(self, inst: StoredInstance, dag_ids: Sequence[str]) -> AddResult:
+        """Index ``inst`` and open a run for each of ``dag_ids`` that has none collecting.
+
+        A re-sent identical instance changes nothing and opens nothing, so pushing the same
+        study twice never runs a flow twice.
+        """
+        with self._tx() as db:
+            row = db.execute("SELECT sha256 FROM instances WHERE sop_uid = ?", (inst.sop_uid,)).fetchone()
+            if row is not None:
+                return AddResult(duplicate=True, opened=[])
+            db.execute(
+                "INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (inst.sop_uid, inst.study_uid, inst.series_uid, inst.sop_class_uid,
+                 inst.transfer_syntax, inst.path, inst.size, inst.sha256, inst.received_at,
+                 inst.calling_ae, inst.peer, json.dumps(inst.tags, separators=(",", ":"))),
+            )
+            opened = [run for dag_id in dag_ids if (run := self._open_run(db, dag_id, inst.study_uid))]
+        return AddResult(duplicate=False, opened=opened)
+
+    def _open_run(self, db: sqlite3.Connection, dag_id: str, study_uid: str) -> RunRef | None:
+        row = db.execute(
+            "SELECT MAX(generation) AS g, SUM(state = 'open') AS n_open FROM runs "
+            "WHERE dag_id = ? AND study_uid = ?", (dag_id, study_uid)).fetchone()
+        if row["n_open"]:
+            return None
+        generation = (row["g"] or 0) + 1
+        run = RunRef(dag_id, run_id_for(study_uid, generation), study_uid, generation)
+        now = time.time()
+        db.execute("INSERT INTO runs VALUES (?,?,?,?, 'open', ?, NULL)",
+                   (dag_id, run.run_id, study_uid, run.generation, now))
+        db.execute("INSERT INTO outbox (dag_id, run_id, conf, created_at) VALUES (?,?,?,?)",
+                   (dag_id, run.run_id, json.dumps(run.conf), now))
+        return run
+
+    def instances(self, study_uid: str) -> list[StoredInstance]:
+        rows = self._db().execute(
+            "SELECT * FROM instances WHERE study_uid = ? ORDER BY received_at", (study_uid,)).fetchall()
+        return [_instance(r) for r in rows]
+
+    def instances_by_sop(self, sop_uids: Sequence[str]) -> dict[str, StoredInstance]:
+        marks = ",".join("?" * len(sop_uids))
+        rows = self._db().execute(f"SELECT * FROM instances WHERE sop_uid IN ({marks})", tuple(sop_uids))
+        return {r["sop_uid"]: _instance(r) for r in rows}
+
+    def last_received(self, study_uid: str) -> float | None:
+        row = self._db().execute(
+            "SELECT MAX(received_at) AS t FROM instances WHERE study_uid = ?", (study_uid,)).fetchone()
+        return row["t"]
+
+    # -- runs --------------------------------------------------------------------------
+    def close_run(self, dag_id: str, run_id: str, study_uid: str) -> list[StoredInstance]:
+        """Stop ``run_id`` collecting and return the study's instances as of that moment.
+
+        Anything indexed after this commit opens the next generation instead. A run the
+        listener did not open (triggered by hand) is registered here as it closes.
+        """
+        with self._tx() as db:
+            now = time.time()
+            db.execute("INSERT OR IGNORE INTO runs VALUES (?,?,?,0,'closing',?,?)",
+                       (dag_id, run_id, study_uid, now, now))
+            db.execute("UPDATE runs SET state = 'closing', closed_at = ? WHERE dag_id = ? AND run_id = ? "
+                       "AND state = 'open'", (now, dag_id, run_id))
+            rows = db.execute("SELECT * FROM instances WHERE study_uid = ? ORDER BY received_at",
+                              (study_uid,)).fetchall()
+        return [_instance(r) for r in rows]
+
+    def run_state(self, dag_id: str, run_id: str) -> str | None:
+        row = self._db().execute("SELECT state FROM runs WHERE dag_id = ? AND run_id = ?",
+                                 (dag_id, run_id)).fetchone()
+        return row["state"] if row else None
+
+    def runs(self, dag_id: str | None = None) -> list[RunRef]:
+        sql, args = "SELECT * FROM runs", ()
+        if dag_id is not None:
+            sql, args = sql + " WHERE dag_id = ?", (dag_id,)
+        return [RunRef(r["dag_id"], r["run_id"], r["study_uid"], r["generation"])
+                for r in self._db().execute(sql + " ORDER BY opened_at", args)]
+
+    # -- outbox ------------------------------------------------------------------------
+    def pending_triggers(self, limit: int = 100) -> list[OutboxItem]:
+        rows = self._db().execute(
+            "SELECT * FROM outbox WHERE delivered_at IS NULL ORDER BY id LIMIT ?", (limit,)).fetchall()
+        return [OutboxItem(r["id"], r["dag_id"], r["run_id"], json.loads(r["conf"]), r["attempts"]) for r in rows]
+
+    def mark_delivered(self, item_id: int) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE outbox SET delivered_at = ?, attempts = attempts + 1, last_error = '' "
+                       "WHERE id = ?", (time.time(), item_id))
+
+    def mark_failed_attempt(self, item_id: int, error: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE outbox SET attempts = attempts + 1, last_error = ? WHERE id = ?",
+                       (error[:500], item_id))
+
+
+def _instance(row: sqlite3.Row) -> StoredInstance:
+    return StoredInstance(
+        sop_uid=row["sop_uid"], study_uid=row["study_uid"], series_uid=row["series_uid"],
+        sop_class_uid=row["sop_class_uid"], transfer_syntax=row["transfer_syntax"], path=row["path"],
+        size=row["size"], sha256=row["sha256"], received_at=row["received_at"],
+        tags=json.loads(row["tags"]), calling_ae=row["calling_ae"], peer=row["peer"],
+    )

@@ -1,0 +1,97 @@
+"""The study store: received files on disk plus their index, kept consistent.
+
+:meth:`StudyStore.ingest` is the whole life of a received instance: header parsed, bytes
+flushed, file renamed into place, index row and any new runs committed. The listener
+answers success only after it returns, so an acknowledged instance is on disk and indexed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .header import InstanceHeader, read_header
+from .index import AddResult, RunRef, StoredInstance, StudyIndex
+from .layout import DataDir
+
+log = logging.getLogger(__name__)
+
+#: Decides which flows an instance is relevant to (the listener passes trigger matching).
+FlowSelector = Callable[[InstanceHeader], Sequence[str]]
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    header: InstanceHeader
+    duplicate: bool
+    opened: list[RunRef]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class StudyStore:
+    """Files under ``root/studies`` and the index at ``root/index.sqlite3``."""
+
+    def __init__(self, root: Path, fsync: bool = True) -> None:
+        self.layout = DataDir(Path(root))
+        self.layout.create()
+        self.index = StudyIndex(self.layout.index)
+        self.fsync = fsync
+
+    def ingest(self, temp_path: Path, select: FlowSelector, calling_ae: str = "", peer: str = "") -> IngestResult:
+        """Move a received Part 10 file into the store and index it.
+
+        ``temp_path`` must be on the data dir's file system (``layout.incoming``). On any
+        error the temporary file is removed and nothing is indexed; the caller answers a
+        failure status, so the sender still holds the instance and can send it again.
+        """
+        try:
+            header = read_header(temp_path)
+            final = self.layout.instance_path(header.study_uid, header.series_uid, header.sop_uid)
+            sha = file_sha256(temp_path)
+            known = self.index.instances_by_sop([header.sop_uid]).get(header.sop_uid)
+            if known is not None:
+                if known.sha256 != sha:
+                    # Same SOP Instance UID, other bytes: keep both, index the first.
+                    keep = final.with_name(f"{header.sop_uid}.{sha[:16]}.dcm")
+                    self._place(temp_path, keep)
+                    log.warning("instance %s re-sent with different content; kept as %s",
+                                header.sop_uid, keep.relative_to(self.layout.root))
+                else:
+                    temp_path.unlink()
+                return IngestResult(header, duplicate=True, opened=[])
+            self._place(temp_path, final)
+            record = StoredInstance(
+                sop_uid=header.sop_uid, study_uid=header.study_uid, series_uid=header.series_uid,
+                sop_class_uid=header.sop_class_uid, transfer_syntax=header.transfer_syntax,
+                path=str(final.relative_to(self.layout.root)), size=final.stat().st_size, sha256=sha,
+                received_at=time.time(), tags=header.tags, calling_ae=calling_ae, peer=peer,
+            )
+            added: AddResult = self.index.add(record, select(header))
+            return IngestResult(header, duplicate=added.duplicate, opened=added.opened)
+        finally:
+            temp_path.unlink(missing_ok=True)
+
+    def _place(self, temp_path: Path, final: Path) -> None:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if self.fsync:
+            fd = os.open(temp_path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(temp_path, final)
+
+    def path_of(self, inst: StoredInstance) -> Path:
+        return self.layout.root / inst.path
