@@ -69,6 +69,17 @@ class AirflowClient:
             return False
         return status == 200
 
+    def dag_runs(self, dag_id: str) -> list[dict[str, Any]]:
+        """The DAG's runs as the REST API lists them (run id, state, conf, ...)."""
+        path = f"/api/v2/dags/{urllib.parse.quote(dag_id, safe='')}/dagRuns?limit=100"
+        status, payload = self._request("GET", path, None)
+        if status == 401:
+            self._token = None
+            status, payload = self._request("GET", path, None)
+        if status != 200:
+            raise TriggerRejected(f"listing runs of {dag_id}: HTTP {status}: {payload}")
+        return payload["dag_runs"]
+
     def trigger(self, dag_id: str, run_id: str, conf: dict[str, Any], note: str | None = None) -> TriggerOutcome:
         path = f"/api/v2/dags/{urllib.parse.quote(dag_id, safe='')}/dagRuns"
         body: dict[str, Any] = {"dag_run_id": run_id, "logical_date": None, "conf": conf}

@@ -121,8 +121,7 @@ class StudyIndex:
         self.path = path
         self._local = threading.local()
         path.parent.mkdir(parents=True, exist_ok=True)
-        with self._tx() as db:
-            db.executescript(SCHEMA)
+        self._db().executescript(SCHEMA)  # idempotent; executescript manages its own transaction
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)

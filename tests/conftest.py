@@ -1,0 +1,31 @@
+"""Shared fixtures: DCMTK peers, the Docker engine and the test images."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/peers.py, tests/dicom_factory.py
+
+from peers import StoreSCP, require_tool  # noqa: E402
+
+
+@pytest.fixture
+def storescp(tmp_path: Path):
+    scp = StoreSCP(tmp_path / "storescp")
+    yield scp
+    scp.stop()
+
+
+@pytest.fixture(scope="session")
+def docker_ready() -> None:
+    """The Docker engine `make test` started, and the test images it built."""
+    require_tool("docker")
+    probe = subprocess.run(["docker", "image", "inspect", "raddeploy/threshold:latest"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.fail("the image raddeploy/threshold:latest is missing or dockerd is down: run `make test` "
+                    f"(scripts/ensure-system.sh and scripts/build-images.sh); docker said: {probe.stderr.strip()}")
