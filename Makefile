@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install system images clean
+.PHONY: run test install system images clean bench
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,3 +29,6 @@ test: install images
 
 clean:
 	rm -rf $(VENV) .raddeploy
+
+bench: install images
+	$(PY) bench/e2e_latency.py

@@ -29,3 +29,11 @@ def docker_ready() -> None:
     if probe.returncode != 0:
         pytest.fail("the image raddeploy/threshold:latest is missing or dockerd is down: run `make test` "
                     f"(scripts/ensure-system.sh and scripts/build-images.sh); docker said: {probe.stderr.strip()}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Airflow imported by unit tests must not write to ~/airflow."""
+    import os
+    import tempfile
+
+    os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="raddeploy-test-airflow-"))

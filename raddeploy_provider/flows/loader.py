@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,13 +71,21 @@ def load_flows(folder: Path) -> LoadResult:
             continue
         if flow.dag_id in seen:
             result.errors.append(
-                FlowError(path, None, "id", f"DAG id {flow.dag_id!r} is already used by "
+                FlowError(path, _dag_id_line(path), "id", f"DAG id {flow.dag_id!r} is already used by "
                           f"{seen[flow.dag_id]}", "give one of the flows another `id`")
             )
             continue
         seen[flow.dag_id] = path
         result.flows.append(flow)
     return result
+
+
+def _dag_id_line(path: Path) -> int | None:
+    """The line that gives a valid flow file its DAG id: ``id:``, or the ``name:`` it comes from."""
+    root = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    keys = {str(k.value): k for k, _ in root.value}
+    node = keys.get("id") or keys.get("name")
+    return node.start_mark.line + 1 if node is not None else None
 
 
 def flow_files(folder: Path) -> list[Path]:
@@ -98,11 +107,13 @@ def load_flow(path: Path) -> Flow:
                         "check indentation and quoting around that line") from None
     except UnicodeDecodeError:
         raise FlowError(path, None, "", "not UTF-8 text", "save the file as UTF-8") from None
-    flow = Flow(**_Parser(path, node).flow(), file_hash=hashlib.sha256(raw).hexdigest())
+    parser = _Parser(path, node)
+    flow = Flow(**parser.flow(), file_hash=hashlib.sha256(raw).hexdigest())
     try:
         model_order(flow)
     except GraphError as exc:
-        raise FlowError(path, None, "models", str(exc), exc.hint) from None
+        line, fieldname = parser.mount_place(flow, exc)
+        raise FlowError(path, line, fieldname, str(exc), exc.hint) from None
     return flow
 
 
@@ -111,6 +122,8 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError(value)
     if isinstance(value, (int, float)):
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(value)
         return float(value)
     match = _DURATION_RE.match(str(value))
     if not match:
@@ -179,6 +192,27 @@ class _Parser:
             raise self.error(node, fieldname, "must be a mapping of name: value")
         return {str(k.value): str(self.scalar(v, f"{fieldname}.{k.value}")) for k, v in node.value}
 
+    def mount_place(self, flow: Flow, exc: GraphError) -> tuple[int | None, str]:
+        """The line and field of the mount a :class:`GraphError` is about (after ``flow()``)."""
+        names = [m.name for m in flow.models]
+        if exc.model not in names or not isinstance(self.root, yaml.MappingNode):
+            return None, "models"
+        index = names.index(exc.model)
+        top = {str(k.value): v for k, v in self.root.value}
+        model_node = top["models"].value[index]
+        where = f"models[{index}]"
+        keys = {str(k.value): (k, v) for k, v in model_node.value}
+        alias = {"inputs": "input_mounts", "outputs": "output_mounts"}.get(exc.mount or "", "")
+        key = exc.mount if exc.mount in keys else alias if alias in keys else None
+        if key is None:
+            return model_node.start_mark.line + 1, where
+        key_node, value_node = keys[key]
+        line = key_node.start_mark.line + 1
+        for name_node, _ in value_node.value:
+            if str(name_node.value) == exc.name:
+                line = name_node.start_mark.line + 1
+        return line, f"{where}.{key}"
+
     # -- sections ----------------------------------------------------------------------
     def flow(self) -> dict[str, Any]:
         if self.root is None:
@@ -232,7 +266,7 @@ class _Parser:
             source = self.scalar(item, fieldname)
             if source is None:
                 raise self.error(item, fieldname, "empty pattern", "write a regex, e.g. CT")
-            source = str(source)
+            source = str(item.value)  # the text as written: YAML would read 010 as 8 and ON as True
             exclude = source.startswith("~")
             expr = source[1:] if exclude else source
             try:
@@ -350,7 +384,7 @@ class _Parser:
                     raise self.error(item, f"{where}.{required}", "missing",
                                      "give host, port and ae_title, or a `connection` id")
             port = vals["port"]
-            if not isinstance(port, int) or not 0 < port < 65536:
+            if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
                 raise self.error(keys["port"][1], f"{where}.port", f"not a TCP port: {port!r}")
             out.append(Destination(host=str(vals["host"]), port=port, ae_title=str(vals["ae_title"]),
                                    calling_ae_title=str(vals["calling_ae_title"]) if vals.get("calling_ae_title") else None))

@@ -22,7 +22,7 @@ class FlowRegistry:
         self.folder = folder
         self.interval = interval
         self._lock = threading.Lock()
-        self._checked = 0.0
+        self._checked = float("-inf")  # the first call always loads
         self._signature: tuple = ()
         self._result = LoadResult()
 

@@ -1,0 +1,94 @@
+"""End-to-end latency of the embedded stack: push a CT study -> derived series delivered.
+
+Starts `raddeploy run`'s stack (EmbeddedStack) on free ports, a DCMTK storescp as the
+destination, and pushes N fresh CT studies one after another with DCMTK storescu. For
+scale, the same files are pushed straight to a DCMTK storescp in the same run.
+
+    .venv/bin/python bench/e2e_latency.py [--studies 5] [--slices 50] [--size 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from dicom_factory import make_series  # noqa: E402
+from peers import StoreSCP, free_port, storescu  # noqa: E402
+
+from raddeploy_provider.embedded import EmbeddedStack  # noqa: E402
+
+QUIET = 2.0
+FLOW = f"""
+name: Bench CT threshold
+id: bench_ct_threshold
+triggers: [{{Modality: CT}}]
+grouping: {{quiet_period: {QUIET:g}s}}
+models:
+  - {{name: threshold, image: "raddeploy/threshold:latest", inputs: {{src: /input}}, outputs: {{dst: /output}}}}
+destinations:
+  - {{host: 127.0.0.1, port: PORT, ae_title: BENCHDEST}}
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--studies", type=int, default=5)
+    parser.add_argument("--slices", type=int, default=50)
+    parser.add_argument("--size", type=int, default=512)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="raddeploy-bench-"))
+    dest = StoreSCP(work / "dest", ae_title="BENCHDEST")
+    plain = StoreSCP(work / "plain", ae_title="PLAIN")
+    flows = work / "flows"
+    flows.mkdir()
+    (flows / "bench.yaml").write_text(FLOW.replace("PORT", str(dest.port)))
+    stack = EmbeddedStack(home=work / "home", flows_dir=flows, api_port=free_port(), dicom_port=free_port(),
+                          listen_host="127.0.0.1")
+    stack.start()
+    totals, pushes, direct = [], [], []
+    try:
+        for i in range(args.studies + 1):  # study 0 warms Airflow's lazily built parts up
+            series = make_series(work / f"ct{i}", slices=args.slices, size=args.size)
+            t0 = time.monotonic()
+            done = storescu(plain.port, series.files, ae_title="PLAIN")
+            direct_s = time.monotonic() - t0
+            assert done.returncode == 0, done.stderr
+            before = len(dest.files())
+            t0 = time.monotonic()
+            done = storescu(stack.dicom_port, series.files)
+            push_s = time.monotonic() - t0
+            assert done.returncode == 0, done.stderr
+            deadline = time.monotonic() + 300
+            while len(dest.files()) < before + args.slices:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"study {i} not delivered in 300 s; see {stack.logs_dir}")
+                time.sleep(0.05)
+            total = time.monotonic() - t0
+            tag = "warm-up" if i == 0 else f"study {i}"
+            print(f"{tag:>8}: push {push_s:5.2f} s (storescp {direct_s:5.2f} s)   push -> delivered {total:6.2f} s")
+            if i:
+                totals.append(total)
+                pushes.append(push_s)
+                direct.append(direct_s)
+    finally:
+        stack.stop()
+        dest.stop()
+        plain.stop()
+    med = statistics.median
+    mb = args.slices * args.size * args.size * 2 / 1e6
+    print(f"\n{args.studies} studies of {args.slices} slices {args.size}x{args.size} ({mb:.0f} MB each), "
+          f"quiet period {QUIET:g} s")
+    print(f"push to listener       median {med(pushes):6.2f} s   ratio to DCMTK storescp: {med(direct) / med(pushes):.2f}x")
+    print(f"push -> delivered      median {med(totals):6.2f} s   (min {min(totals):.2f}, max {max(totals):.2f})")
+    print(f"  of which beyond the quiet period and the push: {med(totals) - QUIET - med(pushes):.2f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""DAGs built from flow files: task graph, broken flows contained, parsing context honoured."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raddeploy_provider.dag_factory import build_all
+from raddeploy_provider.operators.dicom_send import DicomSendOperator
+from raddeploy_provider.operators.model import ModelOperator
+from raddeploy_provider.sensors.fingerprint import FingerprintSensor
+
+REPO = Path(__file__).resolve().parents[2]
+
+DIAMOND = """
+name: Diamond
+id: diamond
+triggers: [{Modality: CT}]
+models:
+  - {name: prep, image: img:1, inputs: {src: /in}, outputs: {ct: /out}}
+  - {name: left, image: img:1, inputs: {ct: /in}, outputs: {a: /out}}
+  - {name: right, image: img:1, inputs: {ct: /in}, outputs: {b: /out}, network: bridge}
+  - {name: merge, image: img:1, inputs: {a: /a, b: /b}, outputs: {dst: /out}, timeout: 90s}
+destinations:
+  - {host: 10.0.0.5, port: 104, ae_title: ARIA}
+  - connection: tps_eclipse
+"""
+
+BROKEN = """
+name: Broken
+triggers: [{Modality: CT}]
+modles: []
+"""
+
+
+@pytest.fixture
+def flows(tmp_path: Path) -> Path:
+    (tmp_path / "diamond.yaml").write_text(DIAMOND)
+    (tmp_path / "broken.yml").write_text(BROKEN)
+    return tmp_path
+
+
+def test_diamond_flow_becomes_sensor_models_and_senders(flows):
+    dags = build_all(flows)
+    dag = dags["diamond"]
+    tasks = {t.task_id: t for t in dag.tasks}
+    assert isinstance(tasks["fingerprint"], FingerprintSensor)
+    assert all(isinstance(tasks[n], ModelOperator) for n in ("prep", "left", "right", "merge"))
+    edges = {(t.task_id, d) for t in dag.tasks for d in t.downstream_task_ids}
+    assert edges == {
+        ("fingerprint", "prep"), ("prep", "left"), ("prep", "right"), ("left", "merge"), ("right", "merge"),
+        ("merge", "send_0_ARIA"), ("merge", "send_1_tps_eclipse"),
+    }
+    send = tasks["send_0_ARIA"]
+    assert isinstance(send, DicomSendOperator)
+    assert (send.host, send.port, send.ae_title, send.sources) == ("10.0.0.5", 104, "ARIA", ["dst"])
+    assert tasks["send_1_tps_eclipse"].dicom_conn_id == "tps_eclipse"
+    assert send.retries == 3 and tasks["merge"].retries == 0
+    assert tasks["merge"].execution_timeout.total_seconds() == 90
+    assert tasks["prep"].network_mode == "none" and tasks["right"].network_mode == "bridge"
+    assert dag.is_paused_upon_creation is False
+
+
+def test_broken_flow_is_a_visible_paused_dag_and_others_still_load(flows):
+    dags = build_all(flows)
+    assert set(dags) == {"diamond", "invalid_broken"}
+    broken = dags["invalid_broken"]
+    assert broken.is_paused_upon_creation is True
+    assert "invalid" in broken.tags
+    assert f"{flows / 'broken.yml'}:4: modles: unknown key (did you mean `models`?)" in broken.description
+
+
+def test_parsing_context_builds_only_the_running_dag(flows, monkeypatch):
+    monkeypatch.setenv("_AIRFLOW_PARSING_CONTEXT_DAG_ID", "diamond")
+    assert set(build_all(flows)) == {"diamond"}
+
+
+def test_dag_file_imports_cleanly_in_airflow(flows, tmp_path):
+    """The DAG file as the dag-processor loads it: no import errors, both DAGs found."""
+    code = ("from airflow.dag_processing.dagbag import DagBag; "
+            f"b = DagBag(dag_folder={str(REPO / 'dags')!r}); "
+            "print(sorted(b.dag_ids)); print(b.import_errors)")
+    env = {"RADDEPLOY_FLOWS": str(flows), "AIRFLOW_HOME": str(tmp_path / "af"),
+           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[-2] == "['diamond', 'invalid_broken']"
+    assert lines[-1] == "{}"
+
+
+def test_airflow_lists_the_provider(tmp_path):
+    env = {"AIRFLOW_HOME": str(tmp_path / "af"), "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+    out = subprocess.run(["airflow", "providers", "list"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "raddeploy-provider" in out.stdout
