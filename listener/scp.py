@@ -73,8 +73,9 @@ class StorageSCP:
         return SUCCESS
 
     @staticmethod
-    def handle_open(event: evt.Event) -> None:
-        log.info("association from %s@%s", event.assoc.requestor.ae_title or "?", event.address[0])
+    def handle_accepted(event: evt.Event) -> None:
+        requestor = event.assoc.requestor
+        log.info("association accepted from %s@%s", requestor.ae_title, requestor.address)
 
     def start(self) -> None:
         # pynetdicom writes the chunked temp file with tempfile's default folder: point it at
@@ -91,7 +92,7 @@ class StorageSCP:
         ae.supported_contexts = [build_context(Verification)] + [
             build_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES) for cx in AllStoragePresentationContexts
         ]
-        handlers = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_CONN_OPEN, self.handle_open)]
+        handlers = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_ACCEPTED, self.handle_accepted)]
         self._server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
         log.info("listening as %s on %s:%d", self.config.ae_title, self.config.host, self.config.port)
 

@@ -82,8 +82,11 @@ def load_flows(folder: Path) -> LoadResult:
 
 def _dag_id_line(path: Path) -> int | None:
     """The line that gives a valid flow file its DAG id: ``id:``, or the ``name:`` it comes from."""
-    root = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
-    keys = {str(k.value): k for k, _ in root.value}
+    try:  # read again: the file may have changed since it loaded, so expect anything
+        root = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    keys = {str(k.value): k for k, _ in root.value} if isinstance(root, yaml.MappingNode) else {}
     node = keys.get("id") or keys.get("name")
     return node.start_mark.line + 1 if node is not None else None
 
@@ -225,7 +228,7 @@ class _Parser:
         dag_id = slug(name)
         if "id" in top:
             dag_id = self.text(top["id"][1], "id")
-            if not _DAG_ID_RE.match(dag_id):
+            if not _DAG_ID_RE.fullmatch(dag_id):
                 raise self.error(top["id"][1], "id", f"{dag_id!r} has characters a DAG id cannot hold",
                                  "use letters, digits, '_', '.' and '-'")
         models = self.models(top["models"][1])
@@ -324,7 +327,7 @@ class _Parser:
         fields: dict[str, Any] = {"name": f"model_{index}"}
         if "name" in keys:
             fields["name"] = self.text(keys["name"][1], f"{where}.name")
-            if not _DAG_ID_RE.match(fields["name"]):
+            if not _DAG_ID_RE.fullmatch(fields["name"]):
                 raise self.error(keys["name"][1], f"{where}.name", "a model name becomes a task id",
                                  "use letters, digits, '_', '.' and '-'")
         docker = self.mapping(keys["docker_kwargs"][1], f"{where}.docker_kwargs", DOCKER_KWARGS_KEYS) \

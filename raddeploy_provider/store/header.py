@@ -6,14 +6,18 @@ be matched later without opening the file again. Bulk and binary elements are le
 
 from __future__ import annotations
 
+import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pydicom
 from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
+from pydicom.uid import UID
 
+from .errors import StoreError
 from .uids import checked_uid
 
 _BINARY_VRS = {"OB", "OW", "OF", "OD", "OL", "OV", "UN", "SQ"}
@@ -38,6 +42,8 @@ class InstanceHeader:
 
 def _text(elem: DataElement) -> Any:
     value = elem.value
+    if value is None:  # present but empty (numeric VRs read as None): empty text, not "None"
+        return ""
     if isinstance(value, MultiValue):
         return [str(v) for v in value]
     if isinstance(value, (bytes, bytearray)):
@@ -46,9 +52,63 @@ def _text(elem: DataElement) -> Any:
     return text if len(text) <= _MAX_VALUE_CHARS else None
 
 
+_LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UC", b"UR", b"UT"}
+
+
+def _check_pixel_data_complete(fh: IO[bytes], meta: Any, size: int) -> None:
+    """Raise StoreError if the file ends before the pixel data it declares (a cut transfer).
+
+    pydicom reads a cut file without complaint, and ``stop_before_pixels`` never reaches the
+    cut; the pixel data element's own header says how long it is, so check that much only.
+    ``fh`` is positioned where pydicom stopped: at the pixel data element, or at the end.
+    """
+    start = fh.tell()
+    if start >= size:
+        return
+    if not meta.get("TransferSyntaxUID"):  # checked_uid reports it
+        return
+    try:
+        syntax = UID(meta.TransferSyntaxUID)
+        if syntax.is_deflated:
+            return
+        implicit, endian = syntax.is_implicit_VR, "<" if syntax.is_little_endian else ">"
+    except ValueError:  # a transfer syntax pydicom does not know: leave it to the reader
+        return
+    cut = StoreError(f"the file ends before its pixel data does ({size} bytes): it was cut short; send it again")
+    head = fh.read(12)
+    if len(head) < 8:
+        raise cut
+    if implicit:
+        length, value_start = struct.unpack(endian + "L", head[4:8])[0], start + 8
+    elif head[4:6] in _LONG_VRS:
+        if len(head) < 12:
+            raise cut
+        length, value_start = struct.unpack(endian + "L", head[8:12])[0], start + 12
+    else:
+        length, value_start = struct.unpack(endian + "H", head[6:8])[0], start + 8
+    if length != 0xFFFFFFFF:
+        if value_start + length > size:
+            raise cut
+        return
+    pos = value_start  # encapsulated: walk the items (one per frame) up to the delimiter
+    while True:
+        fh.seek(pos)
+        item = fh.read(8)
+        if len(item) < 8:
+            raise cut
+        group, element, length = struct.unpack(endian + "HHL", item)
+        if (group, element) != (0xFFFE, 0xE000):  # the delimiter, or not ours to judge
+            return
+        pos += 8 + length
+        if pos > size:
+            raise cut
+
+
 def read_header(path: Path) -> InstanceHeader:
-    """Parse the header of a Part 10 file; raises pydicom errors or InvalidUID on bad data."""
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    """Parse the header of a Part 10 file; raises pydicom errors, InvalidUID or StoreError on bad data."""
+    with open(path, "rb") as fh:
+        ds = pydicom.dcmread(fh, stop_before_pixels=True)
+        _check_pixel_data_complete(fh, ds.file_meta, os.fstat(fh.fileno()).st_size)
     tags: dict[str, Any] = {}
     for elem in ds:
         if elem.VR in _BINARY_VRS or not elem.keyword or elem.tag.group == 0x7FE0:

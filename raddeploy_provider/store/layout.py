@@ -42,7 +42,7 @@ class DataDir:
 
     def run_dir(self, dag_id: str, run_id: str) -> Path:
         for part in (dag_id, run_id):
-            if not _RUN_PART_RE.match(part) or part in (".", ".."):
+            if not _RUN_PART_RE.fullmatch(part) or part in (".", ".."):
                 raise StoreError(f"{part!r} cannot name a run folder")
         return self.runs / dag_id / run_id
 

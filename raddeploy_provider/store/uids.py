@@ -15,6 +15,6 @@ def checked_uid(value: object, what: str) -> str:
     text = str(value).rstrip("\x00 ") if value is not None else ""
     if not text:
         raise InvalidUID(f"{what} is missing")
-    if len(text) > 64 or not _UID_RE.match(text):
+    if len(text) > 64 or not _UID_RE.fullmatch(text):  # fullmatch: "$" lets a trailing "\n" through
         raise InvalidUID(f"{what} {text[:80]!r} is not a valid DICOM UID")
     return text

@@ -1,0 +1,236 @@
+"""The index: instances, run generations, the trigger outbox, and concurrent writers."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from raddeploy_provider.store import RunRef, StoredInstance, StudyIndex, run_id_for
+
+STUDY = "1.2.826.0.1.1"
+OTHER_STUDY = "1.2.826.0.1.2"
+
+
+def inst(n: int, study: str = STUDY, series: str = "1.2.3", **tags: object) -> StoredInstance:
+    return StoredInstance(
+        sop_uid=f"1.2.3.{n}", study_uid=study, series_uid=series, sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        transfer_syntax="1.2.840.10008.1.2.1", path=f"studies/{study}/{series}/1.2.3.{n}.dcm", size=100 + n,
+        sha256=f"{n:064x}", received_at=time.time(), tags={"Modality": "CT", **tags},
+        calling_ae="SCANNER", peer="10.0.0.1:104",
+    )
+
+
+@pytest.fixture
+def index(tmp_path: Path) -> StudyIndex:
+    idx = StudyIndex(tmp_path / "data" / "index.sqlite3")
+    yield idx
+    idx.close()
+
+
+def test_rows_round_trip(index: StudyIndex) -> None:
+    row = inst(1, ImageType=["ORIGINAL", "PRIMARY"], SeriesDescription="Head")
+    assert index.add(row, []).duplicate is False
+    assert index.instances(STUDY) == [row]
+    assert index.instances_by_sop(["1.2.3.1", "9.9"]) == {"1.2.3.1": row}
+    assert index.instances_by_sop([]) == {}
+    assert index.instances(OTHER_STUDY) == []
+    assert index.last_received(STUDY) == row.received_at
+    assert index.last_received(OTHER_STUDY) is None
+
+
+def test_reopening_the_database_keeps_everything(tmp_path: Path) -> None:
+    path = tmp_path / "index.sqlite3"
+    first = StudyIndex(path)
+    first.add(inst(1), ["flow"])
+    first.close()
+    again = StudyIndex(path)  # the schema script runs again: must be harmless
+    assert [i.sop_uid for i in again.instances(STUDY)] == ["1.2.3.1"]
+    assert again.runs() == [RunRef("flow", f"{STUDY}.1", STUDY, 1)]
+    again.close()
+
+
+def test_same_sop_twice_is_a_duplicate_and_opens_nothing(index: StudyIndex) -> None:
+    assert index.add(inst(1), ["flow"]).opened == [RunRef("flow", f"{STUDY}.1", STUDY, 1)]
+    index.close_run("flow", f"{STUDY}.1", STUDY)
+    result = index.add(inst(1), ["flow"])
+    assert result.duplicate is True and result.opened == []
+    assert len(index.runs()) == 1
+
+
+def test_generations(index: StudyIndex) -> None:
+    run1 = RunRef("flow", f"{STUDY}.1", STUDY, 1)
+    assert run_id_for(STUDY, 1) == f"{STUDY}.1"
+    assert index.add(inst(1), ["flow"]).opened == [run1]
+    assert run1.conf == {"study_uid": STUDY, "generation": 1}
+    assert index.run_state("flow", run1.run_id) == "open"
+
+    # an open run collects: more instances open nothing
+    assert index.add(inst(2), ["flow"]).opened == []
+    assert index.add(inst(3), ["flow"]).opened == []
+
+    closed = index.close_run("flow", run1.run_id, STUDY)
+    assert [i.sop_uid for i in closed] == ["1.2.3.1", "1.2.3.2", "1.2.3.3"]
+    assert index.run_state("flow", run1.run_id) == "closing"
+
+    # after the close, a new instance opens the next generation
+    run2 = RunRef("flow", f"{STUDY}.2", STUDY, 2)
+    assert index.add(inst(4), ["flow"]).opened == [run2]
+    assert index.add(inst(5), ["flow"]).opened == []
+    assert [r.run_id for r in index.runs("flow")] == [f"{STUDY}.1", f"{STUDY}.2"]
+
+    # closing again returns the study as of that moment, and changes nothing for run 1
+    assert [i.sop_uid for i in index.close_run("flow", run2.run_id, STUDY)] == [f"1.2.3.{n}" for n in range(1, 6)]
+    assert index.close_run("flow", run1.run_id, STUDY) and index.run_state("flow", run1.run_id) == "closing"
+    assert index.add(inst(6), ["flow"]).opened == [RunRef("flow", f"{STUDY}.3", STUDY, 3)]
+
+
+def test_flows_and_studies_have_their_own_runs(index: StudyIndex) -> None:
+    assert [r.dag_id for r in index.add(inst(1), ["a", "b"]).opened] == ["a", "b"]
+    index.close_run("a", f"{STUDY}.1", STUDY)
+    assert index.add(inst(2), ["a", "b"]).opened == [RunRef("a", f"{STUDY}.2", STUDY, 2)]
+    assert index.add(inst(3, study=OTHER_STUDY), ["a"]).opened == [RunRef("a", f"{OTHER_STUDY}.1", OTHER_STUDY, 1)]
+    assert index.add(inst(4), []).opened == []
+    assert {(r.dag_id, r.run_id) for r in index.runs()} == {
+        ("a", f"{STUDY}.1"), ("b", f"{STUDY}.1"), ("a", f"{STUDY}.2"), ("a", f"{OTHER_STUDY}.1")}
+    assert [r.run_id for r in index.runs("b")] == [f"{STUDY}.1"]
+
+
+def test_close_run_of_a_run_triggered_by_hand(index: StudyIndex) -> None:
+    index.add(inst(1), [])
+    index.add(inst(2), [])
+    manual = "manual__2024-05-01T10:00:00+00:00"
+    assert index.run_state("flow", manual) is None
+
+    closed = index.close_run("flow", manual, STUDY)
+
+    assert [i.sop_uid for i in closed] == ["1.2.3.1", "1.2.3.2"]
+    assert index.run_state("flow", manual) == "closing"
+    assert RunRef("flow", manual, STUDY, 0) in index.runs("flow")
+    # the manual run is not collecting: the listener's next instance opens generation 1
+    assert index.add(inst(3), ["flow"]).opened == [RunRef("flow", f"{STUDY}.1", STUDY, 1)]
+    # a retried sensor closing the same manual run again is harmless
+    assert len(index.close_run("flow", manual, STUDY)) == 3
+    assert [r.run_id for r in index.runs("flow")].count(manual) == 1
+    # nothing was put in the outbox for the manual run: Airflow already has it
+    assert [i.run_id for i in index.pending_triggers()] == [f"{STUDY}.1"]
+
+
+def test_close_run_of_an_unknown_study_is_empty(index: StudyIndex) -> None:
+    assert index.close_run("flow", "manual__x", "1.2.999") == []
+
+
+def test_outbox(index: StudyIndex, tmp_path: Path) -> None:
+    index.add(inst(1), ["a", "b"])
+    index.close_run("a", f"{STUDY}.1", STUDY)
+    index.add(inst(2), ["a", "b"])
+
+    pending = index.pending_triggers()
+    assert [(p.dag_id, p.run_id, p.conf, p.attempts) for p in pending] == [
+        ("a", f"{STUDY}.1", {"study_uid": STUDY, "generation": 1}, 0),
+        ("b", f"{STUDY}.1", {"study_uid": STUDY, "generation": 1}, 0),
+        ("a", f"{STUDY}.2", {"study_uid": STUDY, "generation": 2}, 0),
+    ]
+    assert [p.run_id for p in index.pending_triggers(limit=1)] == [f"{STUDY}.1"]
+
+    first, second, third = pending
+    index.mark_failed_attempt(first.id, "connection refused " * 100)
+    index.mark_failed_attempt(first.id, "HTTP 503")
+    index.mark_delivered(second.id)
+
+    still = index.pending_triggers()
+    assert [(p.id, p.attempts) for p in still] == [(first.id, 2), (third.id, 0)]
+
+    index.mark_delivered(first.id)
+    assert [p.id for p in index.pending_triggers()] == [third.id]
+
+    with sqlite3.connect(index.path) as db:
+        rows = dict((r[0], r[1:]) for r in db.execute(
+            "SELECT id, attempts, last_error, delivered_at IS NOT NULL FROM outbox"))
+    assert rows[first.id] == (3, "", 1)  # delivered clears the error
+    assert rows[second.id] == (1, "", 1)
+    assert rows[third.id] == (0, "", 0)
+
+
+def test_failed_attempt_keeps_a_short_error(index: StudyIndex) -> None:
+    index.add(inst(1), ["a"])
+    [item] = index.pending_triggers()
+    index.mark_failed_attempt(item.id, "x" * 2000)
+    with sqlite3.connect(index.path) as db:
+        [(error,)] = db.execute("SELECT last_error FROM outbox").fetchall()
+    assert error == "x" * 500
+
+
+def test_concurrent_writers(index: StudyIndex) -> None:
+    """pynetdicom serves each association in its own thread: one run, every row present."""
+    threads_n, per_thread = 8, 25
+    opened: list[RunRef] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(threads_n)
+
+    def writer(t: int) -> None:
+        try:
+            barrier.wait()
+            for k in range(per_thread):
+                result = index.add(inst(t * 1000 + k, series=f"1.2.3.{t}"), ["flow_a", "flow_b"])
+                with lock:
+                    opened.extend(result.opened)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            index.close()  # this thread's connection
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(threads_n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert errors == []
+    assert len(index.instances(STUDY)) == threads_n * per_thread
+    assert sorted(opened, key=lambda r: r.dag_id) == [RunRef("flow_a", f"{STUDY}.1", STUDY, 1),
+                                                      RunRef("flow_b", f"{STUDY}.1", STUDY, 1)]
+    assert len(index.runs()) == 2 and len(index.pending_triggers()) == 2
+
+
+def test_concurrent_writers_and_a_closing_sensor(index: StudyIndex) -> None:
+    """Every instance lands in the run being closed or opens the next generation."""
+    closed_with: list[set[str]] = []
+    done = threading.Event()
+
+    def sensor() -> None:
+        generation = 1
+        while not done.is_set() or index.run_state("flow", run_id_for(STUDY, generation)) == "open":
+            if index.run_state("flow", run_id_for(STUDY, generation)) == "open":
+                closed_with.append({i.sop_uid for i in index.close_run("flow", run_id_for(STUDY, generation), STUDY)})
+                generation += 1
+        index.close()
+
+    def writer(t: int) -> None:
+        for k in range(30):
+            index.add(inst(t * 1000 + k), ["flow"])
+        index.close()
+
+    watcher = threading.Thread(target=sensor)
+    watcher.start()
+    writers = [threading.Thread(target=writer, args=(t,)) for t in range(4)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    done.set()
+    watcher.join(timeout=30)
+    assert not watcher.is_alive()
+
+    all_sops = {i.sop_uid for i in index.instances(STUDY)}
+    assert len(all_sops) == 120
+    runs = index.runs("flow")
+    assert [r.generation for r in runs] == list(range(1, len(runs) + 1))
+    assert len(closed_with) == len(runs)
+    # the last close saw everything; each close saw at least what the one before saw
+    assert closed_with[-1] == all_sops
+    assert all(a <= b for a, b in zip(closed_with, closed_with[1:]))
