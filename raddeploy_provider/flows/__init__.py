@@ -3,13 +3,13 @@
 No Airflow import here: the listener and the CLI use this package without Airflow.
 """
 
-from .errors import FlowError
+from .errors import FlowError, FlowWarning
 from .loader import LoadResult, load_flow, load_flows, parse_duration
 from .matching import matched_triggers, trigger_matches, unmet_triggers
 from .model import SOURCE_MOUNT, Destination, Flow, ModelSpec, Trigger
 
 __all__ = [
-    "FlowError", "LoadResult", "load_flow", "load_flows", "parse_duration",
+    "FlowError", "FlowWarning", "LoadResult", "load_flow", "load_flows", "parse_duration",
     "matched_triggers", "trigger_matches", "unmet_triggers",
     "SOURCE_MOUNT", "Destination", "Flow", "ModelSpec", "Trigger",
 ]

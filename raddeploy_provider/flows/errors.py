@@ -23,3 +23,19 @@ class FlowError(Exception):
         where = f"{self.file}:{self.line}" if self.line else f"{self.file}"
         text = f"{where}: {self.field or '(file)'}: {self.message}"
         return f"{text} ({self.hint})" if self.hint else text
+
+
+@dataclass
+class FlowWarning:
+    """Something legal but risky in a flow file (a mutable image tag, network access).
+
+    Same shape as :class:`FlowError`; the flow still loads.
+    """
+
+    file: Path | str
+    line: int | None
+    field: str
+    message: str
+    hint: str = ""
+
+    __str__ = FlowError.__str__

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from .errors import FlowError
+from .errors import FlowError, FlowWarning
 from .graph import GraphError, model_order
 from .model import (
     Condition,
@@ -57,6 +57,7 @@ class LoadResult:
 
     flows: list[Flow] = field(default_factory=list)
     errors: list[FlowError] = field(default_factory=list)
+    warnings: list[FlowWarning] = field(default_factory=list)
 
 
 def load_flows(folder: Path) -> LoadResult:
