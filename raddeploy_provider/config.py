@@ -30,8 +30,9 @@ class Settings:
     airflow_url: str
     airflow_user: str
     airflow_password: str
-    model_network: str
     static_dir: Path
+    gpu_pool: str
+    gpu_queue: str
 
     @property
     def studies_dir(self) -> Path:
@@ -58,6 +59,7 @@ def load_settings() -> Settings:
         airflow_url=_env("AIRFLOW_URL", "http://127.0.0.1:8080").rstrip("/"),
         airflow_user=_env("AIRFLOW_USER", "listener"),
         airflow_password=_env("AIRFLOW_PASSWORD", ""),
-        model_network=_env("MODEL_NETWORK", "none"),
         static_dir=Path(_env("STATIC", str(data_dir / "static"))).absolute(),
+        gpu_pool=_env("GPU_POOL", "raddeploy_gpu"),
+        gpu_queue=_env("GPU_QUEUE", "gpu"),
     )

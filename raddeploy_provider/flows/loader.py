@@ -11,14 +11,16 @@ import difflib
 import hashlib
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydicom.datadict import keyword_dict
 
 from .errors import FlowError, FlowWarning
-from .graph import GraphError, model_order
+from .graph import GraphError, model_order, unused_outputs
+from .schema import DOCKER_KWARGS_REFUSED, Key, keys_of
 from .model import (
     Condition,
     Destination,
@@ -34,21 +36,9 @@ _DAG_ID_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
 _UNITS = {None: 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
-FLOW_KEYS = {
-    "name", "id", "version", "description", "priority", "tags", "triggers", "grouping",
-    "input", "models", "destinations",
-}
-MODEL_KEYS = {
-    "name", "image", "command", "environment", "inputs", "outputs", "gpu", "timeout",
-    "network",
-    # RadDeploy spelling
-    "docker_kwargs", "input_mounts", "output_mounts",
-}
-DOCKER_KWARGS_KEYS = {"image", "command", "environment"}
-GROUPING_KEYS = {"quiet_period", "timeout", "on_timeout"}
-INPUT_KEYS = {"layout", "whole_series"}
-DESTINATION_KEYS = {"host", "port", "ae_title", "calling_ae_title", "connection"}
-ON_TIMEOUT = ("skip", "fail", "proceed")
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+_MOUNT_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 @dataclass
@@ -78,6 +68,7 @@ def load_flows(folder: Path) -> LoadResult:
             continue
         seen[flow.dag_id] = path
         result.flows.append(flow)
+        result.warnings.extend(flow.warnings)
     return result
 
 
@@ -115,10 +106,11 @@ def load_flow(path: Path) -> Flow:
     flow = Flow(**parser.flow(), file_hash=hashlib.sha256(raw).hexdigest())
     try:
         model_order(flow)
+        unused_outputs(flow)
     except GraphError as exc:
         line, fieldname = parser.mount_place(flow, exc)
         raise FlowError(path, line, fieldname, str(exc), exc.hint) from None
-    return flow
+    return replace(flow, warnings=tuple(parser.warnings))
 
 
 def parse_duration(value: Any) -> float:
@@ -135,35 +127,59 @@ def parse_duration(value: Any) -> float:
     return float(match.group(1)) * _UNITS[match.group(2)]
 
 
+def parse_size(value: Any) -> int:
+    """``"512m"``, ``"24g"``, ``"1.5g"`` or a number of bytes -> bytes; ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, int) and value > 0:
+        return value
+    match = _SIZE_RE.match(str(value))
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(value)
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
 def slug(text: str) -> str:
     """A DAG id from a flow name: lower case, runs of other characters become ``_``."""
     return re.sub(r"[^a-z0-9_.-]+", "_", text.strip().lower()).strip("_") or "flow"
 
 
 class _Parser:
-    """Turns the YAML node tree into model values, keeping line numbers for errors."""
+    """Turns the YAML node tree into model values, keeping line numbers for errors.
+
+    Each section is read against its key table in :mod:`.schema`; ``convert`` turns a value
+    of each ``kind`` into its Python form, so every key of every section gets the same
+    checks and the same error shapes.
+    """
 
     def __init__(self, path: Path, root: yaml.Node | None) -> None:
         self.path = path
         self.root = root
+        self.warnings: list[FlowWarning] = []
+        self._nodes: dict[str, tuple[yaml.Node, yaml.Node]] = {}  # field path -> (key, value) nodes
 
     # -- helpers -----------------------------------------------------------------------
     def error(self, node: yaml.Node | None, fieldname: str, message: str, hint: str = "") -> FlowError:
         line = node.start_mark.line + 1 if node is not None else None
         return FlowError(self.path, line, fieldname, message, hint)
 
-    def value(self, node: yaml.Node) -> Any:
-        return yaml.SafeLoader(  # construct plain Python values for one subtree
-            ""
-        ).construct_object(node, deep=True)
+    def warn(self, node: yaml.Node | None, fieldname: str, message: str, hint: str = "") -> None:
+        line = node.start_mark.line + 1 if node is not None else None
+        self.warnings.append(FlowWarning(self.path, line, fieldname, message, hint))
 
-    def mapping(self, node: yaml.Node | None, fieldname: str, allowed: set[str]) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+    def value(self, node: yaml.Node) -> Any:
+        return yaml.SafeLoader("").construct_object(node, deep=True)  # plain values of one subtree
+
+    def mapping(self, node: yaml.Node | None, fieldname: str, allowed: set[str],
+                refused: dict[str, str] | None = None) -> dict[str, tuple[yaml.Node, yaml.Node]]:
         if not isinstance(node, yaml.MappingNode):
             raise self.error(node, fieldname, "must be a mapping of key: value")
         out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
         for key_node, value_node in node.value:
             key = str(key_node.value)
             where = f"{fieldname}.{key}" if fieldname else key
+            if refused and key in refused:
+                raise self.error(key_node, where, "not allowed", refused[key])
             if key not in allowed:
                 close = difflib.get_close_matches(key, sorted(allowed), n=1)
                 hint = f"did you mean `{close[0]}`?" if close else f"allowed: {', '.join(sorted(allowed))}"
@@ -172,6 +188,27 @@ class _Parser:
                 raise self.error(key_node, where, "key given twice", "keep one of them")
             out[key] = (key_node, value_node)
         return out
+
+    def section(self, node: yaml.Node | None, fieldname: str, section: str,
+                refused: dict[str, str] | None = None) -> dict[str, Any]:
+        """Read a mapping against its schema table: key -> converted value."""
+        table = keys_of(section)
+        keys = self.mapping(node, fieldname, set(table), refused)
+        for name, key in table.items():
+            if key.required and name not in keys and section != "models[]":
+                raise self.error(node, f"{fieldname}.{name}" if fieldname else name, "missing",
+                                 f"add `{name}:`" + (" at the top level" if not fieldname else ""))
+        values = {}
+        for name, (key_node, value_node) in keys.items():
+            where = f"{fieldname}.{name}" if fieldname else name
+            values[name] = self.convert(table[name], value_node, where)
+            self._nodes[where] = (key_node, value_node)
+        return values
+
+    def node_of(self, where: str) -> yaml.Node | None:
+        """The value node read for ``where`` (a dotted field path), for later errors."""
+        found = self._nodes.get(where)
+        return found[1] if found else None
 
     def scalar(self, node: yaml.Node, fieldname: str) -> Any:
         if not isinstance(node, yaml.ScalarNode):
@@ -195,6 +232,148 @@ class _Parser:
         if not isinstance(node, yaml.MappingNode):
             raise self.error(node, fieldname, "must be a mapping of name: value")
         return {str(k.value): str(self.scalar(v, f"{fieldname}.{k.value}")) for k, v in node.value}
+
+    def keyword(self, node: yaml.Node, fieldname: str) -> str:
+        keyword = str(node.value)
+        if keyword not in keyword_dict:
+            close = difflib.get_close_matches(keyword, list(keyword_dict), n=1, cutoff=0.75)
+            hint = f"did you mean `{close[0]}`?" if close else "use a keyword of the DICOM dictionary, e.g. SeriesDescription"
+            raise self.error(node, fieldname, f"unknown DICOM keyword {keyword!r}", hint)
+        return keyword
+
+    def convert(self, key: Key, node: yaml.Node, where: str) -> Any:
+        """One value of one ``kind`` (see :mod:`.schema`) in its Python form."""
+        kind = key.kind
+        if kind in ("text", "dag_id", "task_id"):
+            text = self.text(node, where)
+            if kind != "text" and not _DAG_ID_RE.fullmatch(text):
+                what = "a DAG id" if kind == "dag_id" else "a task id"
+                raise self.error(node, where, f"{text!r} has characters {what} cannot hold",
+                                 "use letters, digits, '_', '.' and '-'")
+            return text
+        if kind == "ae_title":
+            text = self.text(node, where)
+            if len(text) > 16 or "\\" in text:
+                raise self.error(node, where, f"{text!r} is not an AE title", "use at most 16 characters, no backslash")
+            return text
+        if kind in ("count", "priority", "port"):
+            value = self.scalar(node, where)
+            low, high = {"count": (0, None), "priority": (0, 4), "port": (1, 65535)}[kind]
+            if not isinstance(value, int) or isinstance(value, bool) or value < low or (high and value > high):
+                what = {"count": "a whole number >= 0", "priority": "a priority from 0 to 4",
+                        "port": "a TCP port"}[kind]
+                raise self.error(node, where, f"not {what}: {value!r}")
+            return value
+        if kind == "bool":
+            value = self.scalar(node, where)
+            if not isinstance(value, bool):
+                raise self.error(node, where, f"not true or false: {node.value!r}")
+            return value
+        if kind == "duration":
+            return self.duration(node, where)
+        if kind == "size":
+            try:
+                return parse_size(self.scalar(node, where))
+            except ValueError:
+                raise self.error(node, where, f"not a size: {node.value!r}",
+                                 "write bytes or a number with k, m or g (512m, 24g)") from None
+        if kind == "choice":
+            choice = str(self.scalar(node, where))
+            if choice not in key.choices:
+                raise self.error(node, where, f"unknown choice {choice!r}", f"use one of {', '.join(key.choices)}")
+            return choice
+        if kind == "network":
+            choice = str(self.scalar(node, where))
+            if choice not in key.choices:
+                raise self.error(node, where, f"unknown network {choice!r}",
+                                 "use none (the default) or bridge; the host's network is never given")
+            return choice
+        if kind == "command":
+            value = self.value(node)
+            if isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
+                return tuple(str(v) for v in value)
+            if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+                return str(value)
+            raise self.error(node, where, "must be a string or a list of strings")
+        if kind == "str_map":
+            return self.str_map(node, where)
+        if kind == "mounts":
+            mounts = self.str_map(node, where)
+            for (name_node, path_node), (name, path) in zip(node.value, mounts.items()):
+                if not _MOUNT_NAME_RE.fullmatch(name):
+                    raise self.error(name_node, f"{where}.{name}", "a mount name holds letters, digits, '_', '.', '-'")
+                if not path.startswith("/"):
+                    raise self.error(path_node, f"{where}.{name}", f"{path!r} is not an absolute path in the container",
+                                     "write it from the root, e.g. /input")
+            return mounts
+        if kind == "static_mounts":
+            return self.static_mounts(node, where)
+        if kind == "gpu":
+            value = self.scalar(node, where)
+            if isinstance(value, str) and value.strip().isdigit():
+                value = int(value)
+            if isinstance(value, bool):
+                return int(value)
+            if isinstance(value, int) and value >= 0:
+                return value
+            raise self.error(node, where, f"not a GPU count: {value!r}", "write true, false or a whole number")
+        if kind == "tags":
+            items = node.value if isinstance(node, yaml.SequenceNode) else [node]
+            return tuple(self.text(item, where) for item in items)
+        if kind == "ports":
+            items = node.value if isinstance(node, yaml.SequenceNode) else [node]
+            return tuple(self.convert(Key("port", "port", ""), item, where) for item in items)
+        if kind in ("keywords", "layout"):
+            if kind == "layout" and isinstance(node, yaml.ScalarNode) and node.value == "flat":
+                return ()
+            if not isinstance(node, yaml.SequenceNode):
+                raise self.error(node, where, "must be `flat` or a list of DICOM keywords" if kind == "layout"
+                                 else "must be a list of DICOM keywords")
+            return tuple(self.keyword(item, where) for item in node.value)
+        if kind == "mapping":
+            if not isinstance(node, yaml.MappingNode):
+                raise self.error(node, where, "must be a mapping of key: value")
+            return self.value(node)
+        if kind == "any":
+            return self.value(node)
+        if kind == "triggers":
+            return self.triggers(node)
+        if kind == "grouping":
+            return Grouping(**self.section(node, "grouping", "grouping"))
+        if kind == "input":
+            values = self.section(node, "input", "input")
+            return InputSpec(**{"layout" if k == "layout" else k: v for k, v in values.items()})
+        if kind == "models":
+            return self.models(node)
+        if kind == "destinations":
+            return self.destinations(node)
+        if kind == "docker_kwargs":
+            return self.section(node, where, "docker_kwargs", DOCKER_KWARGS_REFUSED)
+        raise AssertionError(f"schema kind {kind!r} has no converter")
+
+    def static_mounts(self, node: yaml.Node, where: str) -> dict[str, str]:
+        """``{name: /path}``, or RadDeploy's ``["name:/path", ...]`` / ``"name:/path"``."""
+        if isinstance(node, yaml.MappingNode):
+            pairs = [(str(k.value), str(self.scalar(v, f"{where}.{k.value}")), v) for k, v in node.value]
+        else:
+            items = node.value if isinstance(node, yaml.SequenceNode) else [node]
+            pairs = []
+            for item in items:
+                text = str(self.scalar(item, where))
+                name, sep, path = text.partition(":")
+                if not sep or ":" in path:
+                    raise self.error(item, where, f"{text!r} is not `name:/path`",
+                                     "one colon between the asset name and the path in the container")
+                pairs.append((name, path, item))
+        out = {}
+        for name, path, item in pairs:
+            if not _MOUNT_NAME_RE.fullmatch(name) or name in (".", ".."):
+                raise self.error(item, where, f"{name!r} cannot name an asset folder",
+                                 "use letters, digits, '_', '.' and '-'")
+            if not path.startswith("/"):
+                raise self.error(item, where, f"{path!r} is not an absolute path in the container")
+            out[name] = path
+        return out
 
     def mount_place(self, flow: Flow, exc: GraphError) -> tuple[int | None, str]:
         """The line and field of the mount a :class:`GraphError` is about (after ``flow()``)."""
@@ -220,31 +399,33 @@ class _Parser:
     # -- sections ----------------------------------------------------------------------
     def flow(self) -> dict[str, Any]:
         if self.root is None:
-            raise self.error(None, "", "the file is empty", "a flow needs at least name, triggers and models")
-        top = self.mapping(self.root, "", FLOW_KEYS)
-        for required in ("name", "triggers", "models"):
-            if required not in top:
-                raise self.error(self.root, required, "missing", f"add `{required}:` at the top level")
-        name = self.text(top["name"][1], "name")
-        dag_id = slug(name)
-        if "id" in top:
-            dag_id = self.text(top["id"][1], "id")
-            if not _DAG_ID_RE.fullmatch(dag_id):
-                raise self.error(top["id"][1], "id", f"{dag_id!r} has characters a DAG id cannot hold",
-                                 "use letters, digits, '_', '.' and '-'")
-        models = self.models(top["models"][1])
-        grouping = self.grouping(top["grouping"][1]) if "grouping" in top else Grouping()
+            raise self.error(None, "", "the file is empty", "a flow needs at least triggers and models")
+        values = self.section(self.root, "", "flow")
+        name = values.get("name", self.path.stem)
+        ports: tuple[int, ...] = ()
+        for spelling in ("return_to_sender", "return_to_sender_on_ports", "return_to_sender_on_port"):
+            ports += values.get(spelling, ())
+        layout = values["input"].layout if "input" in values else ()
+        if "tar_subdir" in values:
+            if layout:
+                raise self.error(self.node_of("tar_subdir"), "tar_subdir", "given with `input.layout`", "keep one")
+            layout = values["tar_subdir"]
+        input_spec = values.get("input", InputSpec())
         return dict(
             name=name,
-            dag_id=dag_id,
+            dag_id=values.get("id", slug(name)),
             source=self.path,
-            version=str(self.value(top["version"][1])) if "version" in top else "",
-            description=str(self.value(top["description"][1]) or "") if "description" in top else "",
-            triggers=self.triggers(top["triggers"][1]),
-            models=models,
-            destinations=self.destinations(top["destinations"][1]) if "destinations" in top else (),
-            grouping=grouping,
-            input=self.input(top["input"][1]) if "input" in top else InputSpec(),
+            version=values.get("version", ""),
+            description=values.get("description", ""),
+            priority=values.get("priority", 0),
+            tags=values.get("tags", ()),
+            triggers=values["triggers"],
+            models=values["models"],
+            destinations=values.get("destinations", ()),
+            grouping=values.get("grouping", Grouping()),
+            input=InputSpec(layout=layout, whole_series=input_spec.whole_series),
+            return_to_sender=tuple(dict.fromkeys(ports)),
+            extra=values.get("extra", {}),
         )
 
     def triggers(self, node: yaml.Node) -> tuple[Trigger, ...]:
@@ -258,7 +439,7 @@ class _Parser:
                 raise self.error(trig_node, where, "must be a mapping of DICOM keyword: regex")
             conditions = []
             for key_node, value_node in trig_node.value:
-                keyword = str(key_node.value)
+                keyword = self.keyword(key_node, f"{where}.{key_node.value}")
                 conditions.append(Condition(keyword, self.patterns(value_node, f"{where}.{keyword}")))
             triggers.append(Trigger(tuple(conditions)))
         return tuple(triggers)
@@ -283,38 +464,13 @@ class _Parser:
             raise self.error(node, fieldname, "no pattern given", "write a regex, e.g. CT")
         return tuple(patterns)
 
-    def grouping(self, node: yaml.Node) -> Grouping:
-        keys = self.mapping(node, "grouping", GROUPING_KEYS)
-        values: dict[str, Any] = {}
-        for key in ("quiet_period", "timeout"):
-            if key in keys:
-                values[key] = self.duration(keys[key][1], f"grouping.{key}")
-        if "on_timeout" in keys:
-            choice = str(self.scalar(keys["on_timeout"][1], "grouping.on_timeout"))
-            if choice not in ON_TIMEOUT:
-                raise self.error(keys["on_timeout"][1], "grouping.on_timeout", f"unknown choice {choice!r}",
-                                 f"use one of {', '.join(ON_TIMEOUT)}")
-            values["on_timeout"] = choice
-        return Grouping(**values)
-
-    def input(self, node: yaml.Node) -> InputSpec:
-        keys = self.mapping(node, "input", INPUT_KEYS)
-        layout: tuple[str, ...] = ()
-        if "layout" in keys:
-            value = self.value(keys["layout"][1])
-            if value == "flat":
-                layout = ()
-            elif isinstance(value, list) and all(isinstance(v, str) for v in value):
-                layout = tuple(value)
-            else:
-                raise self.error(keys["layout"][1], "input.layout", "must be `flat` or a list of DICOM keywords")
-        whole = bool(self.value(keys["whole_series"][1])) if "whole_series" in keys else True
-        return InputSpec(layout=layout, whole_series=whole)
-
     def models(self, node: yaml.Node) -> tuple[ModelSpec, ...]:
         if not isinstance(node, yaml.SequenceNode) or not node.value:
             raise self.error(node, "models", "must be a non-empty list of models")
-        models = [self.model(item, i) for i, item in enumerate(node.value)]
+        raw = [self.section(item, f"models[{i}]", "models[]") for i, item in enumerate(node.value)]
+        chained = [i for i, values in enumerate(raw) if "input_dir" in values or "output_dir" in values]
+        models = [self.model(node.value[i], i, values, chain=(i, len(raw)) if chained else None)
+                  for i, values in enumerate(raw)]
         names = [m.name for m in models]
         for i, name in enumerate(names):
             if names.index(name) != i:
@@ -322,55 +478,61 @@ class _Parser:
                                  "give each model its own name")
         return tuple(models)
 
-    def model(self, node: yaml.Node, index: int) -> ModelSpec:
+    def model(self, node: yaml.Node, index: int, values: dict[str, Any],
+              chain: tuple[int, int] | None) -> ModelSpec:
         where = f"models[{index}]"
-        keys = self.mapping(node, where, MODEL_KEYS)
-        fields: dict[str, Any] = {"name": f"model_{index}"}
-        if "name" in keys:
-            fields["name"] = self.text(keys["name"][1], f"{where}.name")
-            if not _DAG_ID_RE.fullmatch(fields["name"]):
-                raise self.error(keys["name"][1], f"{where}.name", "a model name becomes a task id",
-                                 "use letters, digits, '_', '.' and '-'")
-        docker = self.mapping(keys["docker_kwargs"][1], f"{where}.docker_kwargs", DOCKER_KWARGS_KEYS) \
-            if "docker_kwargs" in keys else {}
-        for key in ("image", "command", "environment"):
-            if key in keys and key in docker:
-                raise self.error(keys[key][0], f"{where}.{key}", "given both here and in docker_kwargs",
-                                 "keep one")
-        image_node = (keys.get("image") or docker.get("image") or (None, None))[1]
-        if image_node is None:
+        docker: dict[str, Any] = dict(values.pop("docker_kwargs", {}))
+        for key in list(docker):
+            if key in values:
+                raise self.error(self.node_of(f"{where}.{key}"), f"{where}.{key}", "given both here and in "
+                                 "docker_kwargs", "keep one")
+        if "image" not in values and "image" not in docker:
             raise self.error(node, f"{where}.image", "missing", "name the Docker image the model runs")
-        fields["image"] = self.text(image_node, f"{where}.image")
-        command = keys.get("command") or docker.get("command")
-        if command:
-            value = self.value(command[1])
-            if isinstance(value, list):
-                fields["command"] = tuple(str(v) for v in value)
-            elif value is not None:
-                fields["command"] = str(value)
-        env = keys.get("environment") or docker.get("environment")
-        if env:
-            fields["environment"] = self.str_map(env[1], f"{where}.environment")
+        fields: dict[str, Any] = {"name": values.get("name", f"model_{index}")}
         for native, raddeploy in (("inputs", "input_mounts"), ("outputs", "output_mounts")):
-            if native in keys and raddeploy in keys:
-                raise self.error(keys[raddeploy][0], f"{where}.{raddeploy}", f"given with `{native}`", "keep one")
-            chosen = keys.get(native) or keys.get(raddeploy)
-            if chosen:
-                fields[native] = self.str_map(chosen[1], f"{where}.{chosen[0].value}")
-        if "gpu" in keys:
-            value = self.value(keys["gpu"][1])
-            if isinstance(value, bool):
-                fields["gpu"] = int(value)
-            elif isinstance(value, int) and value >= 0:
-                fields["gpu"] = value
-            else:
-                raise self.error(keys["gpu"][1], f"{where}.gpu", f"not a GPU count: {value!r}",
-                                 "write true, false or a whole number")
-        if "timeout" in keys:
-            fields["timeout"] = self.duration(keys["timeout"][1], f"{where}.timeout")
-        if "network" in keys:
-            fields["network"] = self.text(keys["network"][1], f"{where}.network")
-        return ModelSpec(**fields)
+            if native in values and raddeploy in values:
+                raise self.error(self.node_of(f"{where}.{raddeploy}"), f"{where}.{raddeploy}",
+                                 f"given with `{native}`", "keep one")
+            if native in values or raddeploy in values:
+                fields[native] = values.pop(native, None) or values.pop(raddeploy)
+            values.pop(raddeploy, None)
+        if chain is not None:
+            if "inputs" in fields or "outputs" in fields:
+                raise self.error(node, where, "mixes mounts with the chained `input_dir`/`output_dir` form",
+                                 "use input_mounts/output_mounts in every model, or in none")
+            position, count = chain
+            fields["inputs"] = {"src" if position == 0 else f"chain_{position - 1}": values.pop("input_dir", "/input")}
+            fields["outputs"] = {"dst" if position == count - 1 else f"chain_{position}": values.pop("output_dir", "/output")}
+        values.pop("input_dir", None)
+        values.pop("output_dir", None)
+        if values.pop("pull_before_exec", False):
+            if values.get("pull", "always") != "always":
+                raise self.error(self.node_of(f"{where}.pull"), f"{where}.pull", "contradicts pull_before_exec",
+                                 "keep one")
+            values["pull"] = "always"
+        if docker.pop("network_disabled", True) is False:
+            values.setdefault("network", "bridge")
+        for key in ("image", "command", "entrypoint", "environment", "mem_limit", "shm_size", "user",
+                    "working_dir", "labels", "ipc_mode"):
+            if key in docker:
+                values[key] = docker.pop(key)
+        fields.update({k: v for k, v in values.items() if k != "name"})
+        fields["host_config"] = docker  # what is left: CPU and IO limits, passed to Docker as given
+        model = ModelSpec(**fields)
+        self.check_model(model, where)
+        return model
+
+    def check_model(self, model: ModelSpec, where: str) -> None:
+        image = model.image
+        tag = image.rsplit("/", 1)[-1].partition(":")[2]
+        if "@sha256:" not in image and tag in ("", "latest"):
+            self.warn(self.node_of(f"{where}.image") or self.node_of(f"{where}.docker_kwargs.image"),
+                      f"{where}.image", f"image {image!r} has a mutable tag",
+                      "pin a version tag or a digest (@sha256:...) so every run uses the same model")
+        if model.network != "none":
+            self.warn(self.node_of(f"{where}.network") or self.node_of(f"{where}.docker_kwargs.network_disabled"),
+                      f"{where}.network", f"model {model.name!r} can reach the network",
+                      "leave `network` out unless the model must call out")
 
     def destinations(self, node: yaml.Node) -> tuple[Destination, ...]:
         if not isinstance(node, yaml.SequenceNode):
@@ -378,19 +540,18 @@ class _Parser:
         out = []
         for i, item in enumerate(node.value):
             where = f"destinations[{i}]"
-            keys = self.mapping(item, where, DESTINATION_KEYS)
-            vals = {k: self.scalar(v, f"{where}.{k}") for k, (_, v) in keys.items()}
-            if "connection" in vals:
-                out.append(Destination(connection=str(vals["connection"])))
+            values = self.section(item, where, "destinations[]")
+            if "connection" in values:
+                others = sorted(set(values) - {"connection", "calling_ae_title"})
+                if others:
+                    raise self.error(item, f"{where}.{others[0]}", "given with `connection`",
+                                     "the connection holds host, port and AE title; keep one form")
+                out.append(Destination(connection=values["connection"],
+                                       calling_ae_title=values.get("calling_ae_title")))
                 continue
             for required in ("host", "port", "ae_title"):
-                if vals.get(required) in (None, ""):
+                if required not in values:
                     raise self.error(item, f"{where}.{required}", "missing",
                                      "give host, port and ae_title, or a `connection` id")
-            port = vals["port"]
-            if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
-                raise self.error(keys["port"][1], f"{where}.port", f"not a TCP port: {port!r}")
-            out.append(Destination(host=str(vals["host"]), port=port, ae_title=str(vals["ae_title"]),
-                                   calling_ae_title=str(vals["calling_ae_title"]) if vals.get("calling_ae_title") else None))
+            out.append(Destination(**values))
         return tuple(out)
-

@@ -9,6 +9,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from .errors import FlowWarning
 
 
 @dataclass(frozen=True)
@@ -62,17 +65,34 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One container task. ``inputs``/``outputs`` map a mount name to a container path."""
+    """One container task. ``inputs``/``outputs`` map a mount name to a container path.
+
+    ``host_config`` holds the further container settings a RadDeploy ``docker_kwargs`` gave
+    (CPU and IO limits), passed to Docker as they are; the schema allow-lists them.
+    """
 
     name: str
     image: str
     command: tuple[str, ...] | str | None = None
+    entrypoint: tuple[str, ...] | str | None = None
     environment: dict[str, str] = field(default_factory=dict)
     inputs: dict[str, str] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
     gpu: int = 0
+    static_mounts: dict[str, str] = field(default_factory=dict)
+    config: Any = None
+    config_path: str = "/config/config.yaml"
     timeout: float | None = None
+    retries: int = 0
+    mem_limit: int | None = None
+    shm_size: int | None = None
     network: str = "none"
+    user: str | None = None
+    pull: str = "missing"
+    working_dir: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    ipc_mode: str | None = None
+    host_config: dict[str, Any] = field(default_factory=dict)
 
     @property
     def sent_outputs(self) -> list[str]:
@@ -112,6 +132,11 @@ class Flow:
     destinations: tuple[Destination, ...] = ()
     version: str = ""
     description: str = ""
+    priority: int = 0
+    tags: tuple[str, ...] = ()
     grouping: Grouping = field(default_factory=Grouping)
     input: InputSpec = field(default_factory=InputSpec)
+    return_to_sender: tuple[int, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
     file_hash: str = ""
+    warnings: tuple[FlowWarning, ...] = ()

@@ -9,8 +9,10 @@ from typing import Any, Sequence
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException
 
+from raddeploy_provider.config import load_settings
 from raddeploy_provider.dicom.scu import SendError, dicom_files
 from raddeploy_provider.hooks.dicom import DicomHook
+from raddeploy_provider.store import DataDir, StudyIndex
 
 from .run_folder import mount_dir, run_dir
 
@@ -27,6 +29,8 @@ class DicomSendOperator(BaseOperator):
     :param port: the node's port.
     :param ae_title: the node's AE title.
     :param calling_ae_title: our AE title towards the node.
+    :param return_to_sender_port: instead of a fixed node, send back to the address and AE
+        title the study came from, on this port.
     """
 
     template_fields: Sequence[str] = ("dicom_conn_id", "host", "ae_title")
@@ -34,7 +38,7 @@ class DicomSendOperator(BaseOperator):
 
     def __init__(self, *, sources: Sequence[str], dicom_conn_id: str | None = None, host: str | None = None,
                  port: int | None = None, ae_title: str | None = None, calling_ae_title: str | None = None,
-                 **kwargs: Any) -> None:
+                 return_to_sender_port: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.sources = list(sources)
         self.dicom_conn_id = dicom_conn_id
@@ -42,13 +46,26 @@ class DicomSendOperator(BaseOperator):
         self.port = port
         self.ae_title = ae_title
         self.calling_ae_title = calling_ae_title
+        self.return_to_sender_port = return_to_sender_port
 
     @cached_property
     def hook(self) -> DicomHook:
         return DicomHook(dicom_conn_id=self.dicom_conn_id, host=self.host, port=self.port,
                          ae_title=self.ae_title, calling_ae_title=self.calling_ae_title)
 
+    def _resolve_sender(self, context: Any) -> None:
+        """Point this task at the node the study came from (its calling AE, its address)."""
+        study_uid = (context["dag_run"].conf or {}).get("study_uid", "")
+        instances = StudyIndex(DataDir(load_settings().data_dir).index).instances(study_uid)
+        senders = [(i.calling_ae, i.peer.rpartition(":")[0]) for i in instances if i.calling_ae and i.peer]
+        if not senders:
+            raise AirflowException(f"no sender is recorded for study {study_uid}: nothing to return results to")
+        self.ae_title, self.host = senders[-1]
+        self.port = self.return_to_sender_port
+
     def execute(self, context: Any) -> dict[str, Any]:
+        if self.return_to_sender_port:
+            self._resolve_sender(context)
         files = dicom_files([mount_dir(context, name) for name in self.sources])
         if not files:
             raise AirflowException(f"nothing to send: outputs {', '.join(self.sources)} are empty")

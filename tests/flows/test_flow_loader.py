@@ -62,7 +62,7 @@ models:
     image: registry.local/hn-seg:1.1
     gpu: 2
     inputs: {ct_reg: /input}
-    outputs: {dst: /output, dst_rtstruct: /rt, debug: /debug}
+    outputs: {dst: /output, dst_rtstruct: /rt}
     network: bridge
 destinations:
   - connection: tps_eclipse
@@ -341,7 +341,7 @@ def test_model_without_image(tmp_path: Path) -> None:
 
 def test_empty_file(tmp_path: Path) -> None:
     path, err = load_error(tmp_path, "")
-    assert str(err) == f"{path}: (file): the file is empty (a flow needs at least name, triggers and models)"
+    assert str(err) == f"{path}: (file): the file is empty (a flow needs at least triggers and models)"
 
 
 def test_bad_duration(tmp_path: Path) -> None:
@@ -465,7 +465,7 @@ def test_dag_id_with_bad_characters(tmp_path: Path) -> None:
 @pytest.mark.parametrize("models, expected", [
     ("[{image: a, gpu: -1}]", "3: models[0].gpu: not a GPU count: -1 (write true, false or a whole number)"),
     ("[{image: a, gpu: 1.5}]", "3: models[0].gpu: not a GPU count: 1.5 (write true, false or a whole number)"),
-    ("[{name: 'seg ment', image: a}]", "3: models[0].name: a model name becomes a task id "
+    ("[{name: 'seg ment', image: a}]", "3: models[0].name: 'seg ment' has characters a task id cannot hold "
                                         "(use letters, digits, '_', '.' and '-')"),
     ("[{name: a, image: x}, {name: a, image: y}]", "3: models[1].name: model name 'a' is used twice "
                                                      "(give each model its own name)"),
