@@ -69,16 +69,32 @@ class AirflowClient:
             return False
         return status == 200
 
-    def dag_runs(self, dag_id: str) -> list[dict[str, Any]]:
-        """The DAG's runs as the REST API lists them (run id, state, conf, ...)."""
-        path = f"/api/v2/dags/{urllib.parse.quote(dag_id, safe='')}/dagRuns?limit=100"
+    def get(self, path: str) -> tuple[int, Any]:
+        """An authenticated GET of an API path (``/api/v2/...``): the HTTP status and the JSON body."""
         status, payload = self._request("GET", path, None)
         if status == 401:
-            self._token = None
+            self._token = None  # expired: log in again once
             status, payload = self._request("GET", path, None)
+        return status, payload
+
+    def dag_runs(self, dag_id: str) -> list[dict[str, Any]]:
+        """The DAG's runs as the REST API lists them (run id, state, conf, ...)."""
+        status, payload = self.get(f"/api/v2/dags/{urllib.parse.quote(dag_id, safe='')}/dagRuns?limit=100")
         if status != 200:
             raise TriggerRejected(f"listing runs of {dag_id}: HTTP {status}: {payload}")
         return payload["dag_runs"]
+
+    def ensure_pool(self, name: str, slots: int, description: str) -> None:
+        """Create the pool, or set its slots: a task in a missing pool is never scheduled."""
+        path = f"/api/v2/pools/{urllib.parse.quote(name, safe='')}"
+        status, _ = self._request("GET", path, None)
+        body = {"name": name, "slots": slots, "description": description, "include_deferred": False}
+        if status == 404:
+            status, payload = self._request("POST", "/api/v2/pools", body)
+        else:
+            status, payload = self._request("PATCH", path, body)
+        if status not in (200, 201):
+            raise TriggerRejected(f"pool {name}: HTTP {status}: {payload}")
 
     def trigger(self, dag_id: str, run_id: str, conf: dict[str, Any], note: str | None = None) -> TriggerOutcome:
         path = f"/api/v2/dags/{urllib.parse.quote(dag_id, safe='')}/dagRuns"

@@ -17,8 +17,10 @@ from raddeploy_provider.store import IngestResult, StudyStore
 from raddeploy_provider.store.header import InstanceHeader
 
 from .airflow_client import AirflowClient
+from .association import AcceptPolicy
 from .outbox import OutboxDelivery
-from .scp import ScpConfig, StorageSCP
+from .scp import store_status
+from .server import DicomServer
 
 log = logging.getLogger("raddeploy.listener")
 
@@ -32,10 +34,15 @@ class Listener:
         self.flows = FlowRegistry(settings.flows_dir)
         self.client = AirflowClient(settings.airflow_url, settings.airflow_user, settings.airflow_password)
         self.outbox = OutboxDelivery(self.store.index, self.client)
-        self.scp = StorageSCP(
-            ScpConfig(ae_title=settings.ae_title, host=settings.listen_host, port=settings.listen_port),
-            self.store, self.select_flows, self.on_ingested,
-        )
+        self.server = DicomServer(settings.listen_host, settings.listen_port, AcceptPolicy(settings.ae_title),
+                                  self.handle_store, self.store.layout.incoming)
+
+    def handle_store(self, path: Path, calling_ae: str, peer: str) -> int:
+        """A received file: into the store, runs opened, the DIMSE status for the sender."""
+        status, result = store_status(self.store, path, self.select_flows, calling_ae, peer)
+        if result is not None:
+            self.on_ingested(result)
+        return status
 
     def select_flows(self, header: InstanceHeader) -> list[str]:
         """DAG ids of the valid flows with a trigger this instance satisfies."""
@@ -51,10 +58,10 @@ class Listener:
         self._clear_incoming()
         self.flows.current()
         self.outbox.start()  # replays whatever a previous process left pending
-        self.scp.start()
+        self.server.start()
 
     def stop(self) -> None:
-        self.scp.stop()
+        self.server.stop()
         self.outbox.stop()
 
     def _clear_incoming(self) -> None:

@@ -8,14 +8,14 @@ the error, and never takes the other flows' DAGs down with it.
 from __future__ import annotations
 
 import logging
-import re
 from datetime import timedelta
 from pathlib import Path
 
 from airflow.sdk import DAG, get_parsing_context
 
-from raddeploy_provider.flows import Flow, FlowError, load_flows
-from raddeploy_provider.flows.graph import upstream
+from raddeploy_provider.config import load_settings
+from raddeploy_provider.flows import Flow, FlowError, id_cache, load_flow, load_flows
+from raddeploy_provider.flows.graph import SENSOR_TASK, return_task_id, send_task_id, task_edges
 from raddeploy_provider.flows.loader import slug
 from raddeploy_provider.operators.dicom_send import DicomSendOperator
 from raddeploy_provider.operators.model import ModelOperator
@@ -34,48 +34,42 @@ def build_dag(flow: Flow) -> DAG:
         schedule=None,
         catchup=False,
         is_paused_upon_creation=False,
-        tags=["raddeploy"],
+        auto_register=False,  # a build that fails half-way must not leave a half DAG behind
+        tags=["raddeploy", *flow.tags],
         doc_md=f"Flow **{flow.name}** {flow.version} from `{flow.source}` (sha256 {flow.file_hash[:12]}).",
         default_args={"retries": 0},
     )
+    settings = load_settings()
+    weight = {"priority_weight": 1 + flow.priority, "weight_rule": "absolute"}
     with dag:
-        sensor = FingerprintSensor(task_id="fingerprint", flow=flow)
+        sensor = FingerprintSensor(task_id=SENSOR_TASK, flow=flow, **weight)
         tasks = {}
         for model in flow.models:
+            gpu = {"pool": settings.gpu_pool, "pool_slots": model.gpu, "queue": settings.gpu_queue} if model.gpu else {}
             tasks[model.name] = ModelOperator(
                 task_id=model.name,
-                image=model.image,
-                command=list(model.command) if isinstance(model.command, tuple) else model.command,
-                environment=dict(model.environment),
-                inputs=model.inputs,
-                outputs=model.outputs,
-                network=model.network,
+                model=model,
                 flow_id=flow.dag_id,
+                flow_version=flow.version,
+                flow_extra=flow.extra,
+                retries=model.retries,
                 execution_timeout=timedelta(seconds=model.timeout) if model.timeout else None,
+                **gpu,
+                **weight,
             )
-        for name, deps in upstream(flow).items():
-            if deps:
-                for dep in deps:
-                    tasks[dep] >> tasks[name]
-            else:
-                sensor >> tasks[name]
         senders = [m for m in flow.models if m.sent_outputs]
-        sources = [out for m in senders for out in m.sent_outputs]
+        send_args = dict(sources=[out for m in senders for out in m.sent_outputs], retries=SEND_RETRIES,
+                         retry_delay=timedelta(seconds=10), retry_exponential_backoff=True, **weight)
         for i, dest in enumerate(flow.destinations):
-            send = DicomSendOperator(
-                task_id=f"send_{i}_{_task_slug(dest.connection or dest.ae_title or 'node')}",
-                sources=sources,
-                dicom_conn_id=dest.connection,
-                host=dest.host,
-                port=dest.port,
-                ae_title=dest.ae_title,
-                calling_ae_title=dest.calling_ae_title,
-                retries=SEND_RETRIES,
-                retry_delay=timedelta(seconds=10),
-                retry_exponential_backoff=True,
-            )
-            for model in senders:
-                tasks[model.name] >> send
+            tasks[send_task_id(i, dest)] = DicomSendOperator(
+                task_id=send_task_id(i, dest), dicom_conn_id=dest.connection, host=dest.host, port=dest.port,
+                ae_title=dest.ae_title, calling_ae_title=dest.calling_ae_title, **send_args)
+        for port in flow.return_to_sender:
+            tasks[return_task_id(port)] = DicomSendOperator(
+                task_id=return_task_id(port), return_to_sender_port=port, **send_args)
+        tasks[SENSOR_TASK] = sensor
+        for edge in task_edges(flow):  # the one reading of the graph, shared with `raddeploy graph`
+            tasks[edge.upstream] >> tasks[edge.downstream]
     return dag
 
 
@@ -87,14 +81,27 @@ def build_invalid_dag(error: FlowError) -> DAG:
         schedule=None,
         catchup=False,
         is_paused_upon_creation=True,
+        auto_register=False,
         tags=["raddeploy", "invalid"],
         doc_md=f"This flow file does not load and is never triggered:\n\n```\n{error}\n```",
     )
 
 
 def build_all(flows_dir: Path) -> dict[str, DAG]:
-    """Every flow under ``flows_dir`` as a DAG, keyed by DAG id (for a DAG file's globals)."""
-    wanted = get_parsing_context().dag_id  # set when a worker runs one task: build only that DAG
+    """Every flow under ``flows_dir`` as a DAG, keyed by DAG id (for a DAG file's globals).
+
+    When a worker parses the file to run one task (Airflow's parsing context), only that
+    task's flow is read, found through the id cache that every full parse refreshes.
+    """
+    wanted = get_parsing_context().dag_id
+    cache = load_settings().data_dir / "flow-ids.json"
+    if wanted:
+        path = id_cache.lookup(cache, flows_dir, wanted)
+        if path is not None:
+            try:
+                return {wanted: build_dag(load_flow(path))}
+            except FlowError:
+                pass  # changed under us: fall back to the full parse below
     result = load_flows(flows_dir)
     dags: dict[str, DAG] = {}
     for flow in result.flows:
@@ -111,8 +118,6 @@ def build_all(flows_dir: Path) -> dict[str, DAG]:
         dag = build_invalid_dag(error)
         if not wanted or dag.dag_id == wanted:
             dags[dag.dag_id] = dag
+    if not wanted:
+        id_cache.save(cache, {flow.source: flow.dag_id for flow in result.flows})
     return dags
-
-
-def _task_slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "node"

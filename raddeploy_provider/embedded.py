@@ -108,12 +108,24 @@ class EmbeddedStack:
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         self._wait(lambda: self._airflow_healthy(), timeout, "Airflow", self._airflow)
+        self._ensure_gpu_pool(env)
         out = self.listener_output if self.listener_output is not None else open(self.logs_dir / "listener.log", "ab")
         self._listener = subprocess.Popen(
             [sys.executable, "-m", "listener"], env=env, cwd=self.home,
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
         self._wait(lambda: _port_open(self.dicom_port), 30, "listener", self._listener)
+
+    def _ensure_gpu_pool(self, env: dict[str, str]) -> None:
+        """One slot per GPU of this host, so GPU model tasks are scheduled (or wait visibly)."""
+        from listener.airflow_client import AirflowClient
+
+        from raddeploy_provider.gpus import host_gpu_ids
+
+        ids = host_gpu_ids()
+        client = AirflowClient(self.api_url, "admin", self.passwords()["admin"])
+        client.ensure_pool(env.get("RADDEPLOY_GPU_POOL", "raddeploy_gpu"), len(ids),
+                           f"GPUs of this host ({', '.join(ids) or 'none found'}); one slot each")
 
     def _airflow_healthy(self) -> bool:
         try:

@@ -5,11 +5,11 @@ No Airflow import here: the listener and the CLI use this package without Airflo
 
 from .errors import FlowError, FlowWarning
 from .loader import LoadResult, load_flow, load_flows, parse_duration
-from .matching import matched_triggers, trigger_matches, unmet_triggers
+from .matching import explain, matched_triggers, trigger_matches, unmet_triggers
 from .model import SOURCE_MOUNT, Destination, Flow, ModelSpec, Trigger
 
 __all__ = [
     "FlowError", "FlowWarning", "LoadResult", "load_flow", "load_flows", "parse_duration",
-    "matched_triggers", "trigger_matches", "unmet_triggers",
+    "explain", "matched_triggers", "trigger_matches", "unmet_triggers",
     "SOURCE_MOUNT", "Destination", "Flow", "ModelSpec", "Trigger",
 ]

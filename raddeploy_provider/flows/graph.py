@@ -1,13 +1,19 @@
 """The model graph of a flow: which model feeds which, through named mounts.
 
 A model depends on every model that writes one of its inputs; ``src`` (the matched DICOM)
-comes from the fingerprint step. Used by the loader (to reject dangling names and cycles)
-and by the DAG factory (to wire tasks), so both agree on one reading.
+comes from the fingerprint step. Used by the loader (to reject dangling names and cycles),
+by the DAG factory (to wire tasks) and by ``raddeploy graph``, so all agree on one reading.
 """
 
 from __future__ import annotations
 
-from .model import SOURCE_MOUNT, Flow
+import re
+from dataclasses import dataclass
+
+from .model import SOURCE_MOUNT, Destination, Flow
+
+#: The task id of the fingerprint sensor, the first task of every flow's DAG.
+SENSOR_TASK = "fingerprint"
 
 
 class GraphError(ValueError):
@@ -86,3 +92,63 @@ def model_order(flow: Flow) -> list[str]:
     for model in flow.models:
         visit(model.name, [])
     return order
+
+
+@dataclass(frozen=True)
+class Edge:
+    """One dependency of the flow's DAG: ``downstream`` runs after ``upstream``.
+
+    ``mounts`` names what flows along it: ``src`` from the fingerprint, the outputs of one
+    model that the next reads, or the ``dst*`` outputs a send task sends (may be empty).
+    """
+
+    upstream: str
+    downstream: str
+    mounts: tuple[str, ...]
+
+
+def send_task_id(index: int, destination: Destination) -> str:
+    """The task id of the send task for ``flow.destinations[index]``."""
+    label = re.sub(r"[^A-Za-z0-9_.-]+", "_", destination.connection or destination.ae_title or "node")
+    return f"send_{index}_{label.strip('_') or 'node'}"
+
+
+def return_task_id(port: int) -> str:
+    """The task id of the send task back to the study's sender on ``port``."""
+    return f"send_to_sender_{port}"
+
+
+def send_task_ids(flow: Flow) -> list[str]:
+    """Every send task of the flow: one per destination, one per return-to-sender port."""
+    return ([send_task_id(i, dest) for i, dest in enumerate(flow.destinations)]
+            + [return_task_id(port) for port in flow.return_to_sender])
+
+
+def task_edges(flow: Flow) -> list[Edge]:
+    """Every edge of the flow's DAG, grouped by upstream task in a topological order.
+
+    ``fingerprint`` -> each model that reads only ``src`` (or nothing); a model -> each
+    model that reads one of its outputs; each model with ``dst*`` outputs -> every send task.
+    """
+    deps = upstream(flow)
+    made_by = producers(flow)
+    order = model_order(flow)
+    by_name = {model.name: model for model in flow.models}
+    edges = [Edge(SENSOR_TASK, name, tuple(n for n in by_name[name].inputs if n == SOURCE_MOUNT))
+             for name in order if not deps[name]]
+    sends = send_task_ids(flow)
+    for name in order:
+        for reader in order:
+            if name in deps[reader]:
+                edges.append(Edge(name, reader, tuple(n for n in by_name[reader].inputs if made_by.get(n) == name)))
+        sent = tuple(by_name[name].sent_outputs)
+        if sent:
+            edges.extend(Edge(name, send, sent) for send in sends)
+    return edges
+
+
+def unused_outputs(flow: Flow) -> list[tuple[str, str]]:
+    """``(model, output)`` for each output no model reads and no destination gets (``dst*`` is sent)."""
+    read = {name for model in flow.models for name in model.inputs}
+    return [(model.name, name) for model in flow.models for name in model.outputs
+            if name not in read and not name.startswith("dst")]

@@ -39,6 +39,9 @@ _UNITS = {None: 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 _MOUNT_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+#: Names a mount cannot take: a mount is the folder ``<run>/<name>``, and these are the run folder
+#: itself, its parent, and the folders the run keeps besides outputs (see operators/run_folder.py).
+_RUN_FOLDER_NAMES = {".", "..", "input", "config", "sent"}
 
 
 @dataclass
@@ -106,7 +109,15 @@ def load_flow(path: Path) -> Flow:
     flow = Flow(**parser.flow(), file_hash=hashlib.sha256(raw).hexdigest())
     try:
         model_order(flow)
-        unused_outputs(flow)
+        for model, name in unused_outputs(flow):
+            # RadDeploy discarded such outputs, and its flows must load unchanged: warn there.
+            unused = GraphError(f"output {name!r} of model {model!r} is never used",
+                                "read it in another model's inputs, or name it dst* to send it",
+                                model=model, mount="outputs", name=name)
+            if model not in parser.raddeploy_outputs:
+                raise unused
+            line, fieldname = parser.mount_place(flow, unused)
+            parser.warnings.append(FlowWarning(path, line, fieldname, str(unused), unused.hint))
     except GraphError as exc:
         line, fieldname = parser.mount_place(flow, exc)
         raise FlowError(path, line, fieldname, str(exc), exc.hint) from None
@@ -157,6 +168,7 @@ class _Parser:
         self.root = root
         self.warnings: list[FlowWarning] = []
         self._nodes: dict[str, tuple[yaml.Node, yaml.Node]] = {}  # field path -> (key, value) nodes
+        self.raddeploy_outputs: set[str] = set()  # models whose outputs are spelled output_mounts
 
     # -- helpers -----------------------------------------------------------------------
     def error(self, node: yaml.Node | None, fieldname: str, message: str, hint: str = "") -> FlowError:
@@ -271,6 +283,17 @@ class _Parser:
             return value
         if kind == "duration":
             return self.duration(node, where)
+        if kind == "timeout":
+            seconds = self.duration(node, where)
+            if seconds <= 0:
+                raise self.error(node, where, "a timeout must be longer than 0", "leave it out for no timeout")
+            return seconds
+        if kind == "path":
+            text = self.text(node, where)
+            if not text.startswith("/"):
+                raise self.error(node, where, f"{text!r} is not an absolute path in the container",
+                                 "write it from the root, e.g. /config/config.yaml")
+            return text
         if kind == "size":
             try:
                 return parse_size(self.scalar(node, where))
@@ -302,6 +325,9 @@ class _Parser:
             for (name_node, path_node), (name, path) in zip(node.value, mounts.items()):
                 if not _MOUNT_NAME_RE.fullmatch(name):
                     raise self.error(name_node, f"{where}.{name}", "a mount name holds letters, digits, '_', '.', '-'")
+                if name in _RUN_FOLDER_NAMES:  # a mount is the run folder's subfolder of that name
+                    raise self.error(name_node, f"{where}.{name}", f"mount name {name!r} is reserved",
+                                     "the run folder uses it itself; pick another name (the matched DICOM is `src`)")
                 if not path.startswith("/"):
                     raise self.error(path_node, f"{where}.{name}", f"{path!r} is not an absolute path in the container",
                                      "write it from the root, e.g. /input")
@@ -411,6 +437,11 @@ class _Parser:
                 raise self.error(self.node_of("tar_subdir"), "tar_subdir", "given with `input.layout`", "keep one")
             layout = values["tar_subdir"]
         input_spec = values.get("input", InputSpec())
+        if (values.get("destinations") or ports) and not any(m.sent_outputs for m in values["models"]):
+            field = "destinations" if values.get("destinations") else "return_to_sender"
+            node = self.node_of("destinations") or self.node_of(field) or self.root
+            raise self.error(node, field, "results go somewhere, but no model writes a `dst` output",
+                             "name the output to send `dst` (or `dst_<something>`)")
         return dict(
             name=name,
             dag_id=values.get("id", slug(name)),
@@ -493,8 +524,10 @@ class _Parser:
             if native in values and raddeploy in values:
                 raise self.error(self.node_of(f"{where}.{raddeploy}"), f"{where}.{raddeploy}",
                                  f"given with `{native}`", "keep one")
+            if raddeploy in values and native == "outputs":
+                self.raddeploy_outputs.add(fields["name"])
             if native in values or raddeploy in values:
-                fields[native] = values.pop(native, None) or values.pop(raddeploy)
+                fields[native] = values.pop(native) if native in values else values.pop(raddeploy)
             values.pop(raddeploy, None)
         if chain is not None:
             if "inputs" in fields or "outputs" in fields:
@@ -510,8 +543,11 @@ class _Parser:
                 raise self.error(self.node_of(f"{where}.pull"), f"{where}.pull", "contradicts pull_before_exec",
                                  "keep one")
             values["pull"] = "always"
-        if docker.pop("network_disabled", True) is False:
-            values.setdefault("network", "bridge")
+        if "network_disabled" in docker:
+            wanted = "none" if docker.pop("network_disabled") else "bridge"
+            if values.setdefault("network", wanted) != wanted:
+                raise self.error(self.node_of(f"{where}.network"), f"{where}.network",
+                                 "contradicts docker_kwargs.network_disabled", "keep one")
         for key in ("image", "command", "entrypoint", "environment", "mem_limit", "shm_size", "user",
                     "working_dir", "labels", "ipc_mode"):
             if key in docker:

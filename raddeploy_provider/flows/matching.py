@@ -11,30 +11,83 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping, Sequence, Union
 
-from .model import Condition, Flow, Trigger
+from .model import Condition, Flow, Pattern, Trigger
 
 #: A header as the index stores it: keyword -> text, or a list of texts when multi-valued.
 HeaderValue = Union[str, Sequence[str]]
 Header = Mapping[str, HeaderValue]
+
+_SHOW_CHARS = 80
 
 
 def _values(value: HeaderValue) -> list[str]:
     return [value] if isinstance(value, str) else [str(v) for v in value]
 
 
-def condition_holds(condition: Condition, header: Header) -> bool:
-    """Does this instance's value of ``condition.keyword`` satisfy every pattern?"""
+def _check(condition: Condition, header: Header,
+           failures: list[tuple[Pattern, HeaderValue | None]] | None = None) -> bool:
+    """Does ``condition`` hold for this instance? The one reading of the matching rules.
+
+    With ``failures``, every failing pattern is appended with the value it failed on (None:
+    the instance lacks the keyword; an exclusion: the value it matched; else the whole
+    value); without, the check stops at the first failure (the listener's hot path).
+    """
     raw = header.get(condition.keyword)
     values = None if raw is None else _values(raw)
+    holds = True
     for pattern in condition.patterns:
         if values is None:
-            if not pattern.exclude:
-                return False
-            continue
-        hit = any(pattern.regex.search(v) for v in values)
-        if hit == pattern.exclude:
+            if pattern.exclude:
+                continue
+            value = None
+        else:
+            hit = None
+            for v in values:
+                if pattern.regex.search(v):
+                    hit = v
+                    break
+            if (hit is not None) != pattern.exclude:
+                continue
+            value = hit if pattern.exclude else raw
+        if failures is None:
             return False
-    return True
+        failures.append((pattern, value))
+        holds = False
+    return holds
+
+
+def _reason(keyword: str, pattern: Pattern, value: HeaderValue | None) -> str:
+    if value is None:
+        return f"{keyword}: value missing (pattern {pattern.source!r} needs one)"
+    if pattern.exclude:
+        return f"{keyword}: exclusion {'~' + pattern.source!r} matched value {_show(value)}"
+    shown = f"value {_show(value)}" if isinstance(value, str) else f"values {_show(_values(value))}"
+    return f"{keyword}: pattern {pattern.source!r} did not match {shown}"
+
+
+def _show(value: HeaderValue) -> str:
+    """A header value for a reason: quoted (a list for multi-valued tags), cut when long."""
+    text = repr(value) if isinstance(value, str) else repr(list(value))
+    return text if len(text) <= _SHOW_CHARS else text[:_SHOW_CHARS - 3] + "..."
+
+
+def condition_holds(condition: Condition, header: Header) -> bool:
+    """Does this instance's value of ``condition.keyword`` satisfy every pattern?"""
+    return _check(condition, header)
+
+
+def explain(trigger: Trigger, header: Header) -> list[str]:
+    """Why this instance does not satisfy ``trigger``, one reason per failing pattern.
+
+    Empty when it does. Reasons name the keyword and what failed: the value is missing, a
+    pattern did not match the value, or an exclusion matched it.
+    """
+    reasons = []
+    for condition in trigger.conditions:
+        failures: list[tuple[Pattern, HeaderValue | None]] = []
+        _check(condition, header, failures)
+        reasons += [_reason(condition.keyword, pattern, value) for pattern, value in failures]
+    return reasons
 
 
 def trigger_matches(trigger: Trigger, header: Header) -> bool:

@@ -83,7 +83,8 @@ MODEL = (
     Key("entrypoint", "command", "Overrides the image's entrypoint.", "the image's", '["/bin/sh", "-c"]'),
     Key("environment", "str_map", "Environment variables; the values become text.", "{}", '{THREADS: "4"}'),
     Key("inputs", "mounts", "Mount name -> path in the container, mounted read-only. `src` is the matched "
-        "DICOM; any other name is another model's output.", "{}", "{src: /input}"),
+        "DICOM; any other name is another model's output. `input`, `config` and `sent` are reserved.",
+        "{}", "{src: /input}"),
     Key("outputs", "mounts", "Mount name -> path in the container; each starts empty and must hold a file "
         "when the model ends. `dst` and every `dst*` output is sent to the destinations.", "{}",
         "{dst: /output}"),
@@ -91,9 +92,9 @@ MODEL = (
     Key("static_mounts", "static_mounts", "Read-only asset folders by name (under the static dir) -> path in "
         'the container. RadDeploy\'s `["name:/path"]` list form is accepted too.', "{}", "{hn_weights: /model}"),
     Key("config", "any", "Written as YAML to `config_path` inside the container.", "none", "{fold: all}"),
-    Key("config_path", "text", "Where `config` appears in the container.", "/config/config.yaml",
+    Key("config_path", "path", "Where `config` appears in the container.", "/config/config.yaml",
         "/config/settings.yaml"),
-    Key("timeout", "duration", "The container is killed and the task fails after this long.", "none", "20m"),
+    Key("timeout", "timeout", "The container is killed and the task fails after this long.", "none", "20m"),
     Key("retries", "count", "Airflow retries of the model task.", "0", "1"),
     Key("mem_limit", "size", "Memory limit of the container (`512m`, `24g`, or bytes).", "none", "24g"),
     Key("shm_size", "size", "Size of `/dev/shm` (`8g`, or bytes); GPU models often need more than 64m.",
@@ -110,15 +111,15 @@ MODEL = (
     Key("output_mounts", "mounts", "RadDeploy spelling of `outputs`.", "{}", "{dst: /output}", raddeploy=True),
     Key("pull_before_exec", "bool", "RadDeploy spelling: `true` means `pull: always`.", "false", "true",
         raddeploy=True),
-    Key("input_dir", "text", "Old RadDeploy README spelling: models without mounts run as a chain, each "
+    Key("input_dir", "path", "Old RadDeploy README spelling: models without mounts run as a chain, each "
         "reading the previous one's output here (the first reads `src`).", "/input", "/input/", raddeploy=True),
-    Key("output_dir", "text", "Old RadDeploy README spelling: where a chained model writes (the last one's "
+    Key("output_dir", "path", "Old RadDeploy README spelling: where a chained model writes (the last one's "
         "output is sent).", "/output", "/output/", raddeploy=True),
 )
 
 #: docker_kwargs keys RadDeploy flows may use: applied to the container as given.
 DOCKER_KWARGS = (
-    Key("image", "text", "The Docker image.", required=True, example="busybox", raddeploy=True),
+    Key("image", "text", "The Docker image (here or at the model's top level).", example="busybox", raddeploy=True),
     Key("command", "command", "As `command` of the native form.", example="sh -c 'ls /input'", raddeploy=True),
     Key("entrypoint", "command", "As `entrypoint`.", example='["/bin/sh"]', raddeploy=True),
     Key("environment", "str_map", "As `environment`.", example="{CONTAINER_ORDER: 0}", raddeploy=True),

@@ -17,10 +17,11 @@ from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
+from . import header_walk
 from .errors import StoreError
 from .uids import checked_uid
 
-_BINARY_VRS = {"OB", "OW", "OF", "OD", "OL", "OV", "UN", "SQ"}
+_BINARY_VRS = {"OB", "OW", "OF", "OD", "OL", "OV", "UN", "SQ", "AT"}
 _MAX_VALUE_CHARS = 1024
 
 
@@ -44,8 +45,8 @@ def _text(elem: DataElement) -> Any:
     value = elem.value
     if value is None:  # present but empty (numeric VRs read as None): empty text, not "None"
         return ""
-    if isinstance(value, MultiValue):
-        return [str(v) for v in value]
+    if isinstance(value, (MultiValue, list, tuple)):
+        return [str(v).strip(" \x00") for v in value]
     if isinstance(value, (bytes, bytearray)):
         return None
     text = str(value)
@@ -68,7 +69,7 @@ def _check_pixel_data_complete(fh: IO[bytes], meta: Any, size: int) -> None:
     if not meta.get("TransferSyntaxUID"):  # checked_uid reports it
         return
     try:
-        syntax = UID(meta.TransferSyntaxUID)
+        syntax = UID(meta.get("TransferSyntaxUID"))
         if syntax.is_deflated:
             return
         implicit, endian = syntax.is_implicit_VR, "<" if syntax.is_little_endian else ">"
@@ -105,10 +106,52 @@ def _check_pixel_data_complete(fh: IO[bytes], meta: Any, size: int) -> None:
 
 
 def read_header(path: Path) -> InstanceHeader:
-    """Parse the header of a Part 10 file; raises pydicom errors, InvalidUID or StoreError on bad data."""
+    """Parse the header of a Part 10 file; raises pydicom errors, InvalidUID or StoreError on bad data.
+
+    The lean walker (:mod:`.header_walk`) reads the common files; pydicom reads the rest.
+    """
     with open(path, "rb") as fh:
-        ds = pydicom.dcmread(fh, stop_before_pixels=True)
-        _check_pixel_data_complete(fh, ds.file_meta, os.fstat(fh.fileno()).st_size)
+        size = os.fstat(fh.fileno()).st_size
+        walked = _walk(fh, size)
+        if walked is not None:
+            if walked.pixel_data_at is not None:
+                fh.seek(walked.pixel_data_at)
+                _check_pixel_data_complete(fh, walked.meta, size)
+            tags, meta = walked.tags, walked.meta
+        else:
+            fh.seek(0)
+            ds = pydicom.dcmread(fh, stop_before_pixels=True)
+            _check_pixel_data_complete(fh, ds.file_meta, size)
+            tags = _pydicom_tags(ds)
+            meta = {k: ds.file_meta.get(k) for k in ("TransferSyntaxUID", "MediaStorageSOPClassUID",
+                                                      "MediaStorageSOPInstanceUID")}
+    return InstanceHeader(
+        study_uid=checked_uid(tags.get("StudyInstanceUID"), "StudyInstanceUID"),
+        series_uid=checked_uid(tags.get("SeriesInstanceUID"), "SeriesInstanceUID"),
+        sop_uid=checked_uid(tags.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID"), "SOPInstanceUID"),
+        sop_class_uid=checked_uid(tags.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID"), "SOPClassUID"),
+        transfer_syntax=checked_uid(meta.get("TransferSyntaxUID"), "TransferSyntaxUID"),
+        tags=tags,
+    )
+
+
+def _walk(fh: IO[bytes], size: int) -> header_walk.Walked | None:
+    """The walker's reading, growing the buffer while the header goes on; None: use pydicom."""
+    buf = fh.read(min(size, 65536))
+    while True:
+        try:
+            return header_walk.walk(buf)
+        except header_walk.Unsupported:
+            return None
+        except header_walk.NeedMore:
+            if len(buf) >= size:
+                return None  # cut inside the header: pydicom gives the precise error
+            buf += fh.read(len(buf))
+        except (struct.error, UnicodeDecodeError, ValueError):
+            return None
+
+
+def _pydicom_tags(ds: pydicom.Dataset) -> dict[str, Any]:
     tags: dict[str, Any] = {}
     for elem in ds:
         if elem.VR in _BINARY_VRS or not elem.keyword or elem.tag.group == 0x7FE0:
@@ -116,12 +159,4 @@ def read_header(path: Path) -> InstanceHeader:
         value = _text(elem)
         if value is not None:
             tags[elem.keyword] = value
-    meta = ds.file_meta
-    return InstanceHeader(
-        study_uid=checked_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID"),
-        series_uid=checked_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID"),
-        sop_uid=checked_uid(ds.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID"), "SOPInstanceUID"),
-        sop_class_uid=checked_uid(ds.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID"), "SOPClassUID"),
-        transfer_syntax=checked_uid(meta.get("TransferSyntaxUID"), "TransferSyntaxUID"),
-        tags=tags,
-    )
+    return tags

@@ -10,19 +10,23 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, Union
 
+from .header import InstanceHeader
 from .index import StoredInstance
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.+-]+")
 
+#: An indexed instance, or a header just read from a file (``raddeploy match``): both name alike.
+Named = Union[StoredInstance, InstanceHeader]
 
-def input_name(inst: StoredInstance) -> str:
+
+def input_name(inst: Named) -> str:
     modality = _UNSAFE.sub("_", str(inst.tags.get("Modality", "OT"))) or "OT"
     return f"{modality}_{inst.series_uid}_{inst.sop_uid}.dcm"
 
 
-def _folder(inst: StoredInstance, layout: Sequence[str]) -> Path:
+def _folder(inst: Named, layout: Sequence[str]) -> Path:
     parts = []
     for keyword in layout:
         value = inst.tags.get(keyword, "")
@@ -31,13 +35,18 @@ def _folder(inst: StoredInstance, layout: Sequence[str]) -> Path:
     return Path(*parts) if parts else Path()
 
 
+def input_path(inst: Named, layout: Sequence[str] = ()) -> Path:
+    """Where ``inst`` lies in a run's ``input/`` folder, relative to it (no I/O)."""
+    return _folder(inst, layout) / input_name(inst)
+
+
 def snapshot(instances: Sequence[StoredInstance], data_root: Path, dest: Path,
              layout: Sequence[str] = ()) -> list[Path]:
     """Link ``instances`` into ``dest``; idempotent, so a retried sensor does not fail."""
     dest.mkdir(parents=True, exist_ok=True)
     made = []
     for inst in instances:
-        target = dest / _folder(inst, layout) / input_name(inst)
+        target = dest / input_path(inst, layout)
         target.parent.mkdir(parents=True, exist_ok=True)
         source = data_root / inst.path
         if target.exists():

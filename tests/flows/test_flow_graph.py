@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,28 @@ def test_cycles(models: tuple[ModelSpec, ...], cycle: str) -> None:
     # the error points at the input of the first model that the next one in the cycle writes
     assert info.value.model == first and info.value.mount == "inputs"
     assert producers(flow_of(*models))[info.value.name] == second
+
+
+def test_task_edges_mirror_the_dag_shape() -> None:
+    from raddeploy_provider.flows.graph import Edge, task_edges
+    from raddeploy_provider.flows.model import Destination
+
+    flow = flow_of(
+        m("merge", inputs=("a", "b"), outputs=("dst", "dst_pdf")),
+        m("left", inputs=("ct",), outputs=("a",)),
+        m("prep", inputs=("src",), outputs=("ct",)),
+        m("right", inputs=("ct", "src"), outputs=("b",)),
+        m("side", inputs=(), outputs=("log",)),
+    )
+    flow = replace(flow, destinations=(Destination(host="h", port=104, ae_title="ARIA 1"),
+                                       Destination(connection="tps")))
+    assert task_edges(flow) == [
+        Edge("fingerprint", "prep", ("src",)),
+        Edge("fingerprint", "side", ()),
+        Edge("prep", "left", ("ct",)),
+        Edge("prep", "right", ("ct",)),
+        Edge("left", "merge", ("a",)),
+        Edge("right", "merge", ("b",)),
+        Edge("merge", "send_0_ARIA_1", ("dst", "dst_pdf")),
+        Edge("merge", "send_1_tps", ("dst", "dst_pdf")),
+    ]

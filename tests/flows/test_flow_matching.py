@@ -165,3 +165,44 @@ def test_select_inputs_nothing_matched(make_flow) -> None:
     flow = make_flow("- Modality: PT")
     assert select_inputs(flow, _instances()) == []
     assert select_inputs(flow, []) == []
+
+
+def test_explain_says_which_pattern_failed_and_why(make_flow) -> None:
+    from raddeploy_provider.flows import explain
+
+    flow = make_flow("""
+        - Modality: CT
+          SeriesDescription: ['(?i)head', '~(?i)scout']
+          BodyPartExamined: HEAD
+          ImageType: DERIVED
+        """)
+    trigger = flow.triggers[0]
+    assert explain(trigger, CT_SCOUT) == [
+        "SeriesDescription: exclusion '~(?i)scout' matched value 'HEAD scout'",
+        "BodyPartExamined: value missing (pattern 'HEAD' needs one)",
+        "ImageType: pattern 'DERIVED' did not match values ['ORIGINAL', 'PRIMARY', 'LOCALIZER']",
+    ]
+    assert explain(trigger, MR_T1) == [
+        "Modality: pattern 'CT' did not match value 'MR'",
+        "SeriesDescription: pattern '(?i)head' did not match value 'T1 MPRAGE'",
+        "BodyPartExamined: value missing (pattern 'HEAD' needs one)",
+        "ImageType: value missing (pattern 'DERIVED' needs one)",
+    ]
+    long = {**CT_HEAD, "Modality": "M" * 200}
+    assert explain(trigger, long)[0] == f"Modality: pattern 'CT' did not match value '{'M' * 76}..."
+    matching = {**CT_HEAD, "BodyPartExamined": "HEAD", "ImageType": ["DERIVED", "SECONDARY"]}
+    assert explain(trigger, matching) == []
+
+
+def test_explain_and_matching_agree(make_flow) -> None:
+    from raddeploy_provider.flows import explain
+
+    flow = make_flow("""
+        - {Modality: CT, SeriesDescription: '~(?i)scout'}
+        - {Modality: MR, SeriesDescription: ['(?i)t1', '~(?i)post']}
+        - {ImageType: LOCALIZER}
+        - {Modality: RT}
+        """)
+    for header in (CT_HEAD, CT_SCOUT, MR_T1, RTSTRUCT, {}, {"Modality": ["CT", "MR"]}):
+        for trigger in flow.triggers:
+            assert trigger_matches(trigger, header) == (explain(trigger, header) == [])

@@ -111,3 +111,15 @@ def test_hostile_tag_values_stay_inside_dest(store: StudyStore, tmp_path: Path) 
 def test_empty_selection_makes_an_empty_folder(tmp_path: Path, store: StudyStore) -> None:
     assert snapshot([], store.layout.root, tmp_path / "input") == []
     assert (tmp_path / "input").is_dir()
+
+
+def test_input_path_is_where_snapshot_puts_an_instance(store: StudyStore, tmp_path: Path) -> None:
+    from raddeploy_provider.store import read_header
+    from raddeploy_provider.store.snapshot import input_path
+
+    instances = store.index.instances(STUDY)
+    made = snapshot(instances, store.layout.root, tmp_path / "input", layout=["Modality"])
+    assert [tmp_path / "input" / input_path(inst, ["Modality"]) for inst in instances] == made
+    # a header read from a file names alike: `raddeploy match` shows the same paths
+    assert [input_path(read_header(store.path_of(inst)), ["Modality"]) for inst in instances] == \
+        [path.relative_to(tmp_path / "input") for path in made]

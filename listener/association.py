@@ -1,0 +1,263 @@
+"""One DICOM association, served on a blocking socket in its own thread.
+
+The association's negotiation is pynetdicom's (its PDU codecs and presentation-context
+negotiation); the data path is ours: P-DATA fragments of a dataset are written straight to
+a temporary file as they arrive, with the File Meta Information in front, and nothing is
+decoded but the small command set. When the last fragment is in, ``store`` decides the
+status (the study store writes, indexes and answers), and the response goes back at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    ImplementationClassUIDNotification,
+    ImplementationVersionNameNotification,
+    MaximumLengthNotification,
+)
+from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
+
+from . import dimse
+
+log = logging.getLogger("raddeploy.listener")
+
+APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+VERIFICATION = "1.2.840.10008.1.1"
+_PDU_HEAD = struct.Struct(">BBI")
+_PDV_HEAD = struct.Struct(">IBB")
+RELEASE_RP = b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00"
+ABORT = b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x00"  # source: service provider, reason unspecified
+
+# A-ASSOCIATE-RJ diagnostics (PS3.8 9.3.4) for source "service user".
+REJECT_NO_REASON = 0x01
+REJECT_CALLING_AE = 0x03
+REJECT_CALLED_AE = 0x07
+
+
+class StoreHandler(Protocol):
+    def __call__(self, path: Path, calling_ae: str, peer: str) -> int: ...
+
+
+@dataclass
+class AcceptPolicy:
+    """Who may associate. A refusal is an A-ASSOCIATE-RJ, decided before any data flows."""
+
+    ae_title: str
+    check_called_ae: bool = True
+    allowed_calling: frozenset[str] = frozenset()  # empty: any calling AE title
+    contexts: list[PresentationContext] = field(default_factory=list)
+
+    def refusal(self, called: str, calling: str) -> int | None:
+        if self.check_called_ae and called != self.ae_title:
+            return REJECT_CALLED_AE
+        if self.allowed_calling and calling not in self.allowed_calling:
+            return REJECT_CALLING_AE
+        return None
+
+
+class ProtocolError(Exception):
+    """The peer broke the upper-layer protocol: the association is aborted."""
+
+
+class Association:
+    """Serves one connection until release, abort or a timeout."""
+
+    def __init__(self, sock: socket.socket, peer: tuple[str, int], policy: AcceptPolicy,
+                 store: StoreHandler, incoming: Path, on_ended: Callable[["Association"], None] | None = None) -> None:
+        self.sock = sock
+        self.peer = f"{peer[0]}:{peer[1]}"
+        self.peer_host = peer[0]
+        self.policy = policy
+        self.store = store
+        self.incoming = incoming
+        self.on_ended = on_ended
+        self.calling_ae = ""
+        self.contexts: dict[int, PresentationContext] = {}
+        self.peer_max_pdu = 0
+        self.stored = 0
+        # Receive state of the message being assembled.
+        self._command = bytearray()
+        self._request: dimse.Command | None = None
+        self._context_id = 0
+        self._file = None
+        self._file_path: Path | None = None
+
+    # -- socket helpers ------------------------------------------------------------------
+    def _recv_exact(self, size: int) -> memoryview:
+        buf = bytearray(size)
+        view = memoryview(buf)
+        got = 0
+        while got < size:
+            n = self.sock.recv_into(view[got:], size - got)
+            if n == 0:
+                raise ConnectionError("peer closed the connection")
+            got += n
+        return view
+
+    def _read_pdu(self) -> tuple[int, memoryview]:
+        head = self._recv_exact(6)
+        pdu_type, _, length = _PDU_HEAD.unpack(head)
+        return pdu_type, self._recv_exact(length) if length else memoryview(b"")
+
+    # -- the association -----------------------------------------------------------------
+    def serve(self) -> None:
+        try:
+            pdu_type, body = self._read_pdu()
+            if pdu_type != 0x01:
+                raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}")
+            if not self._negotiate(bytes(_PDU_HEAD.pack(pdu_type, 0, len(body))) + bytes(body)):
+                return
+            while True:
+                pdu_type, body = self._read_pdu()
+                if pdu_type == 0x04:
+                    self._p_data(body)
+                elif pdu_type == 0x05:  # A-RELEASE-RQ
+                    self.sock.sendall(RELEASE_RP)
+                    log.info("association from %s@%s released after %d instances",
+                             self.calling_ae, self.peer_host, self.stored)
+                    return
+                elif pdu_type == 0x07:  # A-ABORT
+                    log.warning("association from %s@%s aborted by the peer", self.calling_ae, self.peer_host)
+                    return
+                else:
+                    raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}")
+        except (ProtocolError, ValueError) as exc:
+            log.warning("association from %s@%s aborted: %s", self.calling_ae or "?", self.peer_host, exc)
+            self._send_quietly(ABORT)
+        except (ConnectionError, socket.timeout, OSError) as exc:
+            log.warning("association from %s@%s lost: %s", self.calling_ae or "?", self.peer_host, exc)
+        finally:
+            self._discard_partial()
+            try:
+                self.sock.close()
+            finally:
+                if self.on_ended:
+                    self.on_ended(self)
+
+    def _send_quietly(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError:
+            pass
+
+    def _negotiate(self, raw: bytes) -> bool:
+        rq = A_ASSOCIATE_RQ()
+        rq.decode(raw)
+        request = rq.to_primitive()
+        called = request.called_ae_title.strip()
+        self.calling_ae = request.calling_ae_title.strip()
+        refusal = self.policy.refusal(called, self.calling_ae)
+        if refusal is None and str(request.application_context_name) != APPLICATION_CONTEXT:
+            refusal = REJECT_NO_REASON
+        if refusal is not None:
+            reject = A_ASSOCIATE()
+            reject.result, reject.result_source, reject.diagnostic = 0x01, 0x01, refusal
+            rj = A_ASSOCIATE_RJ()
+            rj.from_primitive(reject)
+            self.sock.sendall(rj.encode())
+            log.warning("association from %s@%s to %r rejected (diagnostic %d)", self.calling_ae,
+                        self.peer_host, called, refusal)
+            return False
+        self.peer_max_pdu = request.maximum_length_received or 0
+        accepted, _ = negotiate_as_acceptor(request.presentation_context_definition_list, self.policy.contexts)
+        self.contexts = {cx.context_id: cx for cx in accepted if cx.result == 0x00}
+        accept = A_ASSOCIATE()
+        accept.application_context_name = APPLICATION_CONTEXT
+        accept.calling_ae_title = request.calling_ae_title
+        accept.called_ae_title = request.called_ae_title
+        accept.result, accept.result_source = 0x00, 0x01
+        accept.presentation_context_definition_results_list = accepted
+        max_length = MaximumLengthNotification()
+        max_length.maximum_length_received = 0  # no limit: senders use large PDVs
+        impl_uid = ImplementationClassUIDNotification()
+        impl_uid.implementation_class_uid = dimse.IMPLEMENTATION_CLASS_UID
+        impl_name = ImplementationVersionNameNotification()
+        impl_name.implementation_version_name = dimse.IMPLEMENTATION_VERSION
+        accept.user_information = [max_length, impl_uid, impl_name]
+        ac = A_ASSOCIATE_AC()
+        ac.from_primitive(accept)
+        self.sock.sendall(ac.encode())
+        log.info("association accepted from %s@%s (%d contexts)", self.calling_ae, self.peer_host,
+                 len(self.contexts))
+        return True
+
+    # -- data ----------------------------------------------------------------------------
+    def _p_data(self, body: memoryview) -> None:
+        pos, end = 0, len(body)
+        while pos < end:
+            length, context_id, header = _PDV_HEAD.unpack_from(body, pos)
+            data = body[pos + 6:pos + 4 + length]
+            pos += 4 + length
+            if context_id not in self.contexts:
+                raise ProtocolError(f"data on presentation context {context_id}, which was not accepted")
+            if header & 0x01:  # command fragment
+                self._command += data
+                if header & 0x02:
+                    self._command_complete(context_id)
+            else:  # dataset fragment
+                if self._file is None:
+                    raise ProtocolError("dataset fragment without a C-STORE request")
+                self._file.write(data)
+                if header & 0x02:
+                    self._dataset_complete()
+
+    def _command_complete(self, context_id: int) -> None:
+        request = dimse.parse_command(bytes(self._command))
+        self._command.clear()
+        self._context_id = context_id
+        if request.command_field == dimse.C_ECHO_RQ:
+            self._respond(request, 0x0000)
+            return
+        if request.command_field != dimse.C_STORE_RQ or not request.has_dataset:
+            raise ProtocolError(f"unsupported DIMSE command 0x{request.command_field:04X}")
+        self._request = request
+        cx = self.contexts[context_id]
+        fd, name = _mkstemp(self.incoming)
+        self._file_path = Path(name)
+        self._file = os.fdopen(fd, "wb", buffering=1 << 20)
+        self._file.write(dimse.file_meta(request.sop_class_uid, request.sop_instance_uid, cx.transfer_syntax[0]))
+
+    def _dataset_complete(self) -> None:
+        assert self._file is not None and self._file_path is not None and self._request is not None
+        self._file.close()
+        path, request = self._file_path, self._request
+        self._file = self._file_path = self._request = None
+        status = self.store(path, self.calling_ae, self.peer)
+        if status == 0:
+            self.stored += 1
+        self._respond(request, status)
+
+    def _respond(self, request: dimse.Command, status: int) -> None:
+        self.sock.sendall(dimse.p_data_pdu(self._context_id, dimse.encode_response(request, status)))
+
+    def _discard_partial(self) -> None:
+        """A dataset cut off by an abort or a lost connection was never acknowledged: drop it."""
+        if self._file is not None:
+            self._file.close()
+        if self._file_path is not None:
+            self._file_path.unlink(missing_ok=True)
+        self._file = self._file_path = None
+
+
+_counter = 0
+
+
+def _mkstemp(folder: Path) -> tuple[int, str]:
+    """A new temporary file in ``folder`` (cheaper than tempfile.mkstemp's random names)."""
+    global _counter
+    while True:
+        _counter += 1
+        name = os.path.join(folder, f"{os.getpid()}-{_counter}.part")
+        try:
+            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), name
+        except FileExistsError:
+            continue

@@ -1,0 +1,210 @@
+"""A RadDeploy-style 5-fold ensemble, added to the running stack as a new flow file.
+
+Five fold models read the matched DICOM (`src`) and each write their own output; a merge
+model reads all five and writes `dst`. The test writes the flow file while the stack runs
+(a new flow takes effect within seconds), pushes an MR series, and checks from the
+containers' own clocks that the folds ran in parallel, from Airflow's task start (and in the
+merge container) that the merge began only after every fold had ended, and through the REST
+API that the DAG has the fan-out/fan-in shape. The flow stays for the rest of the session;
+it triggers only on this test's MR series.
+"""
+
+from __future__ import annotations
+
+import textwrap
+import time
+import urllib.parse
+from datetime import datetime
+
+import pytest
+from pydicom import dcmread
+
+from peers import storescu
+from dicom_factory import make_series
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+
+DAG_ID = "e2e_fan_out_fan_in"
+FLOW_FILE = "fan_out_fan_in.yaml"  # a broken file would show up as DAG invalid_fan_out_fan_in
+FOLDS = 5
+SLICES = 4
+DESCRIPTION = "E2E fan-out ensemble"
+
+# Busybox's `date` has no %N: adjtimex (read-only, no privilege needed) gives microseconds.
+NOW = """\
+now() {
+  t=$(adjtimex 2>/dev/null | awk '/tv_sec/ {s=$2} /tv_usec/ {u=$2} END {if (s) printf "%d.%06d", s, u}')
+  [ -n "$t" ] && echo "$t" || date +%s
+}
+"""
+FOLD_SCRIPT = NOW + """\
+now > /output/start
+mkdir /output/dicom
+cp /input/* /output/dicom/
+sleep 3
+now > /output/end
+"""
+MERGE_SCRIPT = NOW + f"""\
+start=$(now)
+echo "merge started at $start"
+for i in $(seq 0 {FOLDS - 1}); do
+  end=$(cat /seg$i/end)
+  awk -v s="$start" -v e="$end" 'BEGIN {{exit !(s >= e)}}' || {{ echo "fold $i ended at $end"; exit 1; }}
+  [ "$(ls /seg$i/dicom | wc -l)" -eq "$(ls /seg0/dicom | wc -l)" ] || {{ echo "fold $i lost files"; exit 1; }}
+done
+cp /seg0/dicom/* /output/
+"""  # only DICOM goes to dst: everything there is sent (and every output must be read or sent)
+
+
+def command_yaml(script: str, indent: int) -> str:
+    """``command: [sh, -c, <script>]`` with the script as a literal block, as one writes it by hand."""
+    pad = " " * indent
+    return (f"{pad}command:\n{pad}  - sh\n{pad}  - -c\n{pad}  - |\n"
+            + textwrap.indent(script, pad + "    ").rstrip("\n"))
+
+
+def fold_yaml(i: int) -> str:
+    """Even folds in the RadDeploy spelling, odd ones in the native one: both load alike."""
+    if i % 2 == 0:
+        return f"""
+  - name: fold{i}
+    docker_kwargs:
+      image: raddeploy/busybox:latest
+{command_yaml(FOLD_SCRIPT, 6)}
+    input_mounts: {{src: /input}}
+    output_mounts: {{seg{i}: /output}}
+    timeout: 120
+"""
+    return f"""
+  - name: fold{i}
+    image: raddeploy/busybox:latest
+{command_yaml(FOLD_SCRIPT, 4)}
+    inputs: {{src: /input}}
+    outputs: {{seg{i}: /output}}
+    timeout: 2m
+"""
+
+
+def flow_yaml(destination) -> str:
+    merge_inputs = ", ".join(f"seg{i}: /seg{i}" for i in range(FOLDS))
+    return f"""
+name: E2E fan-out fan-in ensemble
+id: {DAG_ID}
+description: five folds in parallel, then a merge
+triggers:
+  - Modality: MR
+    SeriesDescription: "^{DESCRIPTION}$"
+grouping:
+  quiet_period: 1s
+models:{"".join(fold_yaml(i) for i in range(FOLDS))}
+  - name: merge
+    docker_kwargs:
+      image: raddeploy/busybox:latest
+{command_yaml(MERGE_SCRIPT, 6)}
+    input_mounts: {{{merge_inputs}}}
+    output_mounts: {{dst: /output}}
+    timeout: 120
+destinations:
+  - host: 127.0.0.1
+    port: {destination.port}
+    ae_title: {destination.ae_title}
+"""
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def max_concurrency(intervals: list[tuple[float, float]]) -> int:
+    """The most intervals open at one instant (an end before a start at the same time)."""
+    events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    open_now = most = 0
+    for _, step in events:
+        open_now += step
+        most = max(most, open_now)
+    return most
+
+
+def test_new_flow_fans_out_to_parallel_folds_and_in_to_merge(stack, airflow, destination, tmp_path):
+    dag_path = f"/api/v2/dags/{urllib.parse.quote(DAG_ID, safe='')}"
+
+    # 1. A new flow file in the running stack's flows folder (renamed in whole, never half-read).
+    assert airflow.get(dag_path)[0] == 404, "the DAG exists before its flow file: stale stack?"
+    tmp = stack.flows_dir / f".{FLOW_FILE}.tmp"
+    tmp.write_text(flow_yaml(destination))
+    written = time.monotonic()
+    tmp.rename(stack.flows_dir / FLOW_FILE)
+
+    # 2. Airflow parses it within seconds, no restart.
+    def parsed():
+        status, body = airflow.get(dag_path)
+        if status == 200:
+            return body
+        bad_status, bad = airflow.get("/api/v2/dags/invalid_fan_out_fan_in")
+        assert bad_status != 200, f"the flow file did not load: {bad.get('description')}"
+        return None
+
+    dag = wait_for(parsed, 60, f"Airflow to parse DAG {DAG_ID}", interval=0.5)
+    print(f"\nnew flow file -> DAG {DAG_ID} parsed: {time.monotonic() - written:.1f} s")
+    assert not dag["is_paused"]
+
+    # 5 (before the run: the shape is the DAG's, not the run's). Fan-out, fan-in, send.
+    status, body = airflow.get(f"{dag_path}/tasks")
+    assert status == 200, body
+    edges = {task["task_id"]: set(task["downstream_task_ids"]) for task in body["tasks"]}
+    folds = {f"fold{i}" for i in range(FOLDS)}
+    send = f"send_0_{destination.ae_title}"
+    expected = {"fingerprint": folds, **{fold: {"merge"} for fold in folds}, "merge": {send}, send: set()}
+    assert edges == expected
+
+    # 3. An MR series only this flow wants (the CT flow of the other e2e test ignores it).
+    series = make_series(tmp_path / "mr", modality="MR", slices=SLICES, size=32, description=DESCRIPTION)
+    before = set(destination.files())
+    start = time.monotonic()
+    pushed = storescu(stack.dicom_port, series.files)
+    assert pushed.returncode == 0, pushed.stderr
+
+    # 4. The run succeeds; the folds overlapped; the merge came after every fold.
+    run_id = f"{series.study_uid}.1"
+    finished = wait_for(lambda: [r for r in airflow.dag_runs(DAG_ID) if r["dag_run_id"] == run_id
+                                 and r["state"] in ("success", "failed")], 180, f"run {run_id} to finish")
+    status, body = airflow.get(f"{dag_path}/dagRuns/{urllib.parse.quote(run_id, safe='')}/taskInstances")
+    assert status == 200, body
+    tasks = {ti["task_id"]: ti for ti in body["task_instances"]}
+    assert finished[0]["state"] == "success", \
+        f"run {run_id} failed; task states: { {t: ti['state'] for t, ti in tasks.items()} }"
+    print(f"push -> run succeeded: {time.monotonic() - start:.1f} s")
+
+    # Fold intervals by the containers' own clocks (the host's: containers share its kernel).
+    run_dir = stack.data_dir / "runs" / DAG_ID / run_id
+    intervals = []
+    for i in range(FOLDS):
+        seg = run_dir / f"seg{i}"
+        fold_start, fold_end = (float((seg / name).read_text()) for name in ("start", "end"))
+        assert fold_end - fold_start >= 2.9, f"fold{i}: {fold_start} -> {fold_end}"
+        assert len(list((seg / "dicom").iterdir())) == SLICES
+        intervals.append((fold_start, fold_end))
+    # The merge task's start as Airflow recorded it: before its container starts, so the stricter
+    # test (the container also checks it started after every fold's `end`, or fails the run).
+    merge_start = datetime.fromisoformat(tasks["merge"]["start_date"]).timestamp()
+    origin = min(s for s, _ in intervals)
+    for i, (s, e) in enumerate(intervals):
+        print(f"  fold{i}: {s - origin:5.2f} s -> {e - origin:5.2f} s")
+    print(f"  merge task started: {merge_start - origin:5.2f} s")
+    concurrency = max_concurrency(intervals)
+    print(f"max concurrent folds: {concurrency} of {FOLDS} (Airflow parallelism 4)")
+    assert concurrency >= 2, f"the folds ran one after another: {intervals}"
+    assert merge_start >= max(e for _, e in intervals), "merge started before every fold had ended"
+
+    # The destination got the merge's DICOM (fold 0's copy of the input), and nothing else.
+    received = wait_for(lambda: [p for p in destination.files() if p not in before]
+                        if len(set(destination.files()) - before) >= SLICES else None, 30, "the merged series")
+    assert len(received) == SLICES
+    inputs = {dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in series.files}
+    assert {dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in received} == inputs
