@@ -9,6 +9,7 @@ status (the study store writes, indexes and answers), and the response goes back
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
@@ -44,7 +45,9 @@ REJECT_CALLED_AE = 0x07
 
 
 class StoreHandler(Protocol):
-    def __call__(self, path: Path, calling_ae: str, peer: str) -> int: ...
+    """Stores a received file (and consumes it); returns the DIMSE status to answer with."""
+
+    def __call__(self, path: Path, calling_ae: str, peer: str, sha256: str) -> int: ...
 
 
 @dataclass
@@ -90,6 +93,7 @@ class Association:
         self._context_id = 0
         self._file = None
         self._file_path: Path | None = None
+        self._digest = None  # sha256 of the file, computed while it arrives
 
     # -- socket helpers ------------------------------------------------------------------
     def _recv_exact(self, size: int) -> memoryview:
@@ -207,6 +211,7 @@ class Association:
                 if self._file is None:
                     raise ProtocolError("dataset fragment without a C-STORE request")
                 self._file.write(data)
+                self._digest.update(data)
                 if header & 0x02:
                     self._dataset_complete()
 
@@ -224,14 +229,16 @@ class Association:
         fd, name = _mkstemp(self.incoming)
         self._file_path = Path(name)
         self._file = os.fdopen(fd, "wb", buffering=1 << 20)
-        self._file.write(dimse.file_meta(request.sop_class_uid, request.sop_instance_uid, cx.transfer_syntax[0]))
+        meta = dimse.file_meta(request.sop_class_uid, request.sop_instance_uid, cx.transfer_syntax[0])
+        self._file.write(meta)
+        self._digest = hashlib.sha256(meta)
 
     def _dataset_complete(self) -> None:
         assert self._file is not None and self._file_path is not None and self._request is not None
         self._file.close()
         path, request = self._file_path, self._request
         self._file = self._file_path = self._request = None
-        status = self.store(path, self.calling_ae, self.peer)
+        status = self.store(path, self.calling_ae, self.peer, self._digest.hexdigest())
         if status == 0:
             self.stored += 1
         self._respond(request, status)

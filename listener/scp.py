@@ -25,11 +25,11 @@ CANNOT_UNDERSTAND = 0xC000
 
 
 def store_status(store: StudyStore, path: Path, select: Callable[[InstanceHeader], list[str]],
-                 calling_ae: str, peer: str) -> tuple[int, IngestResult | None]:
+                 calling_ae: str, peer: str, sha256: str | None = None) -> tuple[int, IngestResult | None]:
     """Ingest ``path`` (consumed either way) and return the status to answer with."""
     host = peer.rpartition(":")[0]
     try:
-        return SUCCESS, store.ingest(path, select, calling_ae=calling_ae, peer=peer)
+        return SUCCESS, store.ingest(path, select, calling_ae=calling_ae, peer=peer, sha256=sha256)
     except (InvalidDicomError, StoreError, ValueError, EOFError, struct_error) as exc:
         log.warning("instance from %s@%s refused: %s", calling_ae, host, exc)
         return CANNOT_UNDERSTAND, None

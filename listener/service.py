@@ -30,16 +30,16 @@ class Listener:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.store = StudyStore(settings.data_dir)
+        self.store = StudyStore(settings.data_dir, fsync=settings.fsync)
         self.flows = FlowRegistry(settings.flows_dir)
         self.client = AirflowClient(settings.airflow_url, settings.airflow_user, settings.airflow_password)
         self.outbox = OutboxDelivery(self.store.index, self.client)
         self.server = DicomServer(settings.listen_host, settings.listen_port, AcceptPolicy(settings.ae_title),
                                   self.handle_store, self.store.layout.incoming)
 
-    def handle_store(self, path: Path, calling_ae: str, peer: str) -> int:
+    def handle_store(self, path: Path, calling_ae: str, peer: str, sha256: str) -> int:
         """A received file: into the store, runs opened, the DIMSE status for the sender."""
-        status, result = store_status(self.store, path, self.select_flows, calling_ae, peer)
+        status, result = store_status(self.store, path, self.select_flows, calling_ae, peer, sha256)
         if result is not None:
             self.on_ingested(result)
         return status

@@ -33,6 +33,7 @@ class Settings:
     static_dir: Path
     gpu_pool: str
     gpu_queue: str
+    fsync: bool
 
     @property
     def studies_dir(self) -> Path:
@@ -45,6 +46,13 @@ class Settings:
     @property
     def index_path(self) -> Path:
         return self.data_dir / "index.sqlite3"
+
+
+def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = _env(name, default).strip().lower()
+    if value not in choices:
+        raise ValueError(f"{PREFIX}{name}={value!r}: use one of {', '.join(choices)}")
+    return value
 
 
 def load_settings() -> Settings:
@@ -62,4 +70,5 @@ def load_settings() -> Settings:
         static_dir=Path(_env("STATIC", str(data_dir / "static"))).absolute(),
         gpu_pool=_env("GPU_POOL", "raddeploy_gpu"),
         gpu_queue=_env("GPU_QUEUE", "gpu"),
+        fsync=_choice("FSYNC", "never", ("always", "never")) == "always",
     )

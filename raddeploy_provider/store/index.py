@@ -117,8 +117,9 @@ def run_id_for(study_uid: str, generation: int) -> str:
 class StudyIndex:
     """Thread-safe access to the index database at ``path``."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, durable: bool = True) -> None:
         self.path = path
+        self.durable = durable
         self._local = threading.local()
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db().executescript(SCHEMA)  # idempotent; executescript manages its own transaction
@@ -128,7 +129,9 @@ class StudyIndex:
         if db is None:
             db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")  # an acknowledged instance survives power loss
+            # FULL: each commit is on disk (survives a power cut); NORMAL: on the OS, synced at
+            # checkpoints (survives a crash of the process). WAL keeps either consistent.
+            db.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'NORMAL'}")
             db.row_factory = sqlite3.Row
             self._local.db = db
         return db

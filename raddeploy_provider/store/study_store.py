@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,57 +42,90 @@ def file_sha256(path: Path) -> str:
 
 
 class StudyStore:
-    """Files under ``root/studies`` and the index at ``root/index.sqlite3``."""
+    """Files under ``root/studies`` and the index at ``root/index.sqlite3``.
 
-    def __init__(self, root: Path, fsync: bool = True) -> None:
+    ``fsync``: when True, each file and each index commit reaches the disk before
+    :meth:`ingest` returns (the sender's success then survives a power cut, at a few ms
+    per instance); when False they reach the operating system (they survive a crash or
+    kill of the listener, not of the machine). README's "Durability" section has numbers.
+    """
+
+    def __init__(self, root: Path, fsync: bool = False) -> None:
         self.layout = DataDir(Path(root))
         self.layout.create()
-        self.index = StudyIndex(self.layout.index)
+        self.index = StudyIndex(self.layout.index, durable=fsync)
         self.fsync = fsync
+        self._made_dirs: set[Path] = set()
+        # One lock per SOP Instance UID stripe: two associations sending the same instance
+        # must not both decide it is new.
+        self._sop_locks = [threading.Lock() for _ in range(64)]
 
-    def ingest(self, temp_path: Path, select: FlowSelector, calling_ae: str = "", peer: str = "") -> IngestResult:
+    def ingest(self, temp_path: Path, select: FlowSelector, calling_ae: str = "", peer: str = "",
+               sha256: str | None = None) -> IngestResult:
         """Move a received Part 10 file into the store and index it.
 
         ``temp_path`` must be on the data dir's file system (``layout.incoming``). On any
         error the temporary file is removed and nothing is indexed; the caller answers a
         failure status, so the sender still holds the instance and can send it again.
+        ``sha256`` is the file's digest when the receiver computed it on the way in.
         """
         try:
             header = read_header(temp_path)
             final = self.layout.instance_path(header.study_uid, header.series_uid, header.sop_uid)
-            sha = file_sha256(temp_path)
-            known = self.index.instances_by_sop([header.sop_uid]).get(header.sop_uid)
-            if known is not None:
-                if known.sha256 != sha:
-                    # Same SOP Instance UID, other bytes: keep both, index the first.
-                    keep = final.with_name(f"{header.sop_uid}.{sha[:16]}.dcm")
-                    self._place(temp_path, keep)
-                    log.warning("instance %s re-sent with different content; kept as %s",
-                                header.sop_uid, keep.relative_to(self.layout.root))
-                else:
-                    temp_path.unlink()
-                return IngestResult(header, duplicate=True, opened=[])
-            self._place(temp_path, final)
-            record = StoredInstance(
-                sop_uid=header.sop_uid, study_uid=header.study_uid, series_uid=header.series_uid,
-                sop_class_uid=header.sop_class_uid, transfer_syntax=header.transfer_syntax,
-                path=str(final.relative_to(self.layout.root)), size=final.stat().st_size, sha256=sha,
-                received_at=time.time(), tags=header.tags, calling_ae=calling_ae, peer=peer,
-            )
-            added: AddResult = self.index.add(record, select(header))
-            return IngestResult(header, duplicate=added.duplicate, opened=added.opened)
+            sha = sha256 or file_sha256(temp_path)
+            with self._sop_locks[hash(header.sop_uid) % len(self._sop_locks)]:
+                return self._ingest_checked(temp_path, header, final, sha, select, calling_ae, peer)
         finally:
             temp_path.unlink(missing_ok=True)
 
+    def _ingest_checked(self, temp_path: Path, header: InstanceHeader, final: Path, sha: str,
+                        select: FlowSelector, calling_ae: str, peer: str) -> IngestResult:
+        known = self.index.instances_by_sop([header.sop_uid]).get(header.sop_uid)
+        if known is not None:
+            if known.sha256 != sha:
+                # Same SOP Instance UID, other bytes: keep both, index the first.
+                keep = final.with_name(f"{header.sop_uid}.{sha[:16]}.dcm")
+                self._place(temp_path, keep)
+                log.warning("instance %s re-sent with different content; kept as %s",
+                            header.sop_uid, keep.relative_to(self.layout.root))
+            else:
+                temp_path.unlink()
+            return IngestResult(header, duplicate=True, opened=[])
+        self._place(temp_path, final)
+        record = StoredInstance(
+            sop_uid=header.sop_uid, study_uid=header.study_uid, series_uid=header.series_uid,
+            sop_class_uid=header.sop_class_uid, transfer_syntax=header.transfer_syntax,
+            path=str(final.relative_to(self.layout.root)), size=final.stat().st_size, sha256=sha,
+            received_at=time.time(), tags=header.tags, calling_ae=calling_ae, peer=peer,
+        )
+        added: AddResult = self.index.add(record, select(header))
+        return IngestResult(header, duplicate=added.duplicate, opened=added.opened)
+
     def _place(self, temp_path: Path, final: Path) -> None:
-        final.parent.mkdir(parents=True, exist_ok=True)
+        folder = final.parent
+        if folder not in self._made_dirs:
+            folder.mkdir(parents=True, exist_ok=True)
+            if len(self._made_dirs) > 10000:
+                self._made_dirs.clear()
+            self._made_dirs.add(folder)
         if self.fsync:
             fd = os.open(temp_path, os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        os.replace(temp_path, final)
+        try:
+            os.replace(temp_path, final)
+        except FileNotFoundError:  # the series folder was removed since we made it
+            self._made_dirs.discard(folder)
+            folder.mkdir(parents=True, exist_ok=True)
+            os.replace(temp_path, final)
+        if self.fsync:  # the rename itself is durable only once its folder is
+            fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def path_of(self, inst: StoredInstance) -> Path:
         return self.layout.root / inst.path
