@@ -10,8 +10,10 @@ status (the study store writes, indexes and answers), and the response goes back
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 import os
+import shutil
 import socket
 import struct
 from dataclasses import dataclass, field
@@ -50,20 +52,47 @@ class StoreHandler(Protocol):
     def __call__(self, path: Path, calling_ae: str, peer: str, sha256: str) -> int: ...
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """An A-ASSOCIATE-RJ: result (1 permanent, 2 transient), source, diagnostic, and why (for the log)."""
+
+    result: int
+    source: int
+    diagnostic: int
+    why: str
+
+
 @dataclass
 class AcceptPolicy:
-    """Who may associate. A refusal is an A-ASSOCIATE-RJ, decided before any data flows."""
+    """Who may associate, and when. A refusal is an A-ASSOCIATE-RJ, decided before any data flows.
+
+    ``allowed_networks``: addresses or CIDR blocks (empty: any). ``min_free_disk``: bytes
+    that must stay free on the store's file system, else associations are refused as
+    "transient, local limit exceeded" so senders retry later.
+    """
 
     ae_title: str
     check_called_ae: bool = True
     allowed_calling: frozenset[str] = frozenset()  # empty: any calling AE title
+    allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    min_free_disk: int = 0
+    store_dir: Path | None = None
     contexts: list[PresentationContext] = field(default_factory=list)
 
-    def refusal(self, called: str, calling: str) -> int | None:
+    def refusal(self, called: str, calling: str, address: str) -> Refusal | None:
+        if self.allowed_networks:
+            ip = ipaddress.ip_address(address.split("%")[0])
+            if not any(ip in net for net in self.allowed_networks):
+                return Refusal(0x01, 0x01, REJECT_NO_REASON, f"address {address} is not in RADDEPLOY_ALLOWED_NETWORKS")
         if self.check_called_ae and called != self.ae_title:
-            return REJECT_CALLED_AE
+            return Refusal(0x01, 0x01, REJECT_CALLED_AE, f"called AE title {called!r} is not {self.ae_title!r}")
         if self.allowed_calling and calling not in self.allowed_calling:
-            return REJECT_CALLING_AE
+            return Refusal(0x01, 0x01, REJECT_CALLING_AE, f"calling AE title {calling!r} is not allowed")
+        if self.min_free_disk and self.store_dir is not None:
+            free = shutil.disk_usage(self.store_dir).free
+            if free < self.min_free_disk:
+                return Refusal(0x02, 0x03, 0x02, f"only {free // 2**20} MiB free on the store, below "
+                               f"RADDEPLOY_MIN_FREE_DISK ({self.min_free_disk // 2**20} MiB)")
         return None
 
 
@@ -159,17 +188,16 @@ class Association:
         request = rq.to_primitive()
         called = request.called_ae_title.strip()
         self.calling_ae = request.calling_ae_title.strip()
-        refusal = self.policy.refusal(called, self.calling_ae)
+        refusal = self.policy.refusal(called, self.calling_ae, self.peer_host)
         if refusal is None and str(request.application_context_name) != APPLICATION_CONTEXT:
-            refusal = REJECT_NO_REASON
+            refusal = Refusal(0x01, 0x01, REJECT_NO_REASON, "not the DICOM application context")
         if refusal is not None:
             reject = A_ASSOCIATE()
-            reject.result, reject.result_source, reject.diagnostic = 0x01, 0x01, refusal
+            reject.result, reject.result_source, reject.diagnostic = refusal.result, refusal.source, refusal.diagnostic
             rj = A_ASSOCIATE_RJ()
             rj.from_primitive(reject)
             self.sock.sendall(rj.encode())
-            log.warning("association from %s@%s to %r rejected (diagnostic %d)", self.calling_ae,
-                        self.peer_host, called, refusal)
+            log.warning("association from %s@%s rejected: %s", self.calling_ae, self.peer_host, refusal.why)
             return False
         self.peer_max_pdu = request.maximum_length_received or 0
         accepted, _ = negotiate_as_acceptor(request.presentation_context_definition_list, self.policy.contexts)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 from pathlib import Path
 
@@ -29,13 +30,14 @@ class DicomServer:
     """Listens on ``host:port``; ``store`` turns a received file into a DIMSE status."""
 
     def __init__(self, host: str, port: int, policy: AcceptPolicy, store: StoreHandler, incoming: Path,
-                 network_timeout: float = 60.0) -> None:
+                 network_timeout: float = 60.0, tls: ssl.SSLContext | None = None) -> None:
         self.host = host
         self.port = port
         self.policy = policy
         self.store = store
         self.incoming = incoming
         self.network_timeout = network_timeout
+        self.tls = tls
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._active: set[Association] = set()
@@ -66,10 +68,21 @@ class DicomServer:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
             conn.settimeout(self.network_timeout)
-            assoc = Association(conn, peer, self.policy, self.store, self.incoming, on_ended=self._ended)
-            with self._lock:
-                self._active.add(assoc)
-            threading.Thread(target=assoc.serve, name=f"assoc-{peer[0]}:{peer[1]}", daemon=True).start()
+            threading.Thread(target=self._serve, args=(conn, peer), name=f"assoc-{peer[0]}:{peer[1]}",
+                             daemon=True).start()
+
+    def _serve(self, conn: socket.socket, peer: tuple[str, int]) -> None:
+        if self.tls is not None:
+            try:  # the handshake runs here, in the association's thread, not in the accept loop
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            except (ssl.SSLError, OSError) as exc:
+                log.warning("TLS handshake with %s failed: %s", peer[0], exc)
+                conn.close()
+                return
+        assoc = Association(conn, peer, self.policy, self.store, self.incoming, on_ended=self._ended)
+        with self._lock:
+            self._active.add(assoc)
+        assoc.serve()
 
     def _ended(self, assoc: Association) -> None:
         with self._lock:
@@ -96,3 +109,14 @@ class DicomServer:
                     assoc.sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+
+def tls_context(cert: Path, key: Path, ca: Path | None) -> ssl.SSLContext:
+    """DICOM TLS (PS3.15 B.1): our certificate; with ``ca``, peers must present one it signed."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    if ca is not None:
+        context.load_verify_locations(ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context

@@ -5,6 +5,7 @@ Run as ``raddeploy listen``. Needs no Airflow installation: it reaches Airflow o
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import signal
 import threading
@@ -20,7 +21,7 @@ from .airflow_client import AirflowClient
 from .association import AcceptPolicy
 from .outbox import OutboxDelivery
 from .scp import store_status
-from .server import DicomServer
+from .server import DicomServer, tls_context
 
 log = logging.getLogger("raddeploy.listener")
 
@@ -34,8 +35,19 @@ class Listener:
         self.flows = FlowRegistry(settings.flows_dir)
         self.client = AirflowClient(settings.airflow_url, settings.airflow_user, settings.airflow_password)
         self.outbox = OutboxDelivery(self.store.index, self.client)
-        self.server = DicomServer(settings.listen_host, settings.listen_port, AcceptPolicy(settings.ae_title),
-                                  self.handle_store, self.store.layout.incoming)
+        policy = AcceptPolicy(
+            settings.ae_title, check_called_ae=settings.check_called_ae,
+            allowed_calling=frozenset(settings.allowed_calling_aets),
+            allowed_networks=tuple(ipaddress.ip_network(n, strict=False) for n in settings.allowed_networks),
+            min_free_disk=settings.min_free_disk, store_dir=settings.data_dir,
+        )
+        tls = None
+        if settings.tls_cert or settings.tls_key:
+            if not (settings.tls_cert and settings.tls_key):
+                raise ValueError("DICOM TLS needs both RADDEPLOY_TLS_CERT and RADDEPLOY_TLS_KEY")
+            tls = tls_context(settings.tls_cert, settings.tls_key, settings.tls_ca)
+        self.server = DicomServer(settings.listen_host, settings.listen_port, policy, self.handle_store,
+                                  self.store.layout.incoming, tls=tls)
 
     def handle_store(self, path: Path, calling_ae: str, peer: str, sha256: str) -> int:
         """A received file: into the store, runs opened, the DIMSE status for the sender."""

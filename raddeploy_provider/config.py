@@ -34,6 +34,13 @@ class Settings:
     gpu_pool: str
     gpu_queue: str
     fsync: bool
+    check_called_ae: bool
+    allowed_calling_aets: tuple[str, ...]
+    allowed_networks: tuple[str, ...]
+    min_free_disk: int
+    tls_cert: Path | None
+    tls_key: Path | None
+    tls_ca: Path | None
 
     @property
     def studies_dir(self) -> Path:
@@ -55,6 +62,27 @@ def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def _list(name: str) -> tuple[str, ...]:
+    return tuple(part for part in (p.strip() for p in _env(name, "").split(",")) if part)
+
+
+def _size(name: str, default: str) -> int:
+    from raddeploy_provider.flows.loader import parse_size
+
+    text = _env(name, default)
+    if text.strip() == "0":
+        return 0
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise ValueError(f"{PREFIX}{name}={text!r}: write bytes or a number with k, m or g (2g)") from None
+
+
+def _path(name: str) -> Path | None:
+    text = _env(name, "")
+    return Path(text).absolute() if text else None
+
+
 def load_settings() -> Settings:
     """Read the settings now (not at import, so tests and `raddeploy run` can set them)."""
     data_dir = Path(_env("DATA", str(Path.cwd() / ".raddeploy" / "data"))).absolute()
@@ -71,4 +99,11 @@ def load_settings() -> Settings:
         gpu_pool=_env("GPU_POOL", "raddeploy_gpu"),
         gpu_queue=_env("GPU_QUEUE", "gpu"),
         fsync=_choice("FSYNC", "never", ("always", "never")) == "always",
+        check_called_ae=_choice("CHECK_CALLED_AE", "true", ("true", "false")) == "true",
+        allowed_calling_aets=_list("ALLOWED_CALLING_AETS"),
+        allowed_networks=_list("ALLOWED_NETWORKS"),
+        min_free_disk=_size("MIN_FREE_DISK", "1g"),
+        tls_cert=_path("TLS_CERT"),
+        tls_key=_path("TLS_KEY"),
+        tls_ca=_path("TLS_CA"),
     )
