@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install system images clean bench
+.PHONY: run test install system images clean bench bench-ingest
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,5 +30,15 @@ test: install images
 clean:
 	rm -rf $(VENV) .raddeploy
 
-bench: install images
+# Both benchmarks: end-to-end latency, then receive throughput (bench-ingest).
+bench: install images bench-ingest
 	$(PY) bench/e2e_latency.py
+
+# Receive throughput of the listener against cp, DCMTK storescp and Orthanc (~10 min on 2 cores).
+bench-ingest: install system
+	@command -v Orthanc >/dev/null 2>&1 || { \
+	  echo "bench-ingest: installing orthanc"; \
+	  SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO="sudo"; \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq orthanc >/dev/null; }
+	$(PY) bench/ingest.py

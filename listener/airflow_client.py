@@ -36,6 +36,14 @@ class AirflowClient:
         self._token: str | None = None
 
     def _request(self, method: str, path: str, body: dict[str, Any] | None, auth: bool = True) -> tuple[int, Any]:
+        """One call; with ``auth``, a 401 (the JWT expired) logs in again and retries once."""
+        status, payload = self._send(method, path, body, auth)
+        if status == 401 and auth:
+            self._token = None
+            status, payload = self._send(method, path, body, auth)
+        return status, payload
+
+    def _send(self, method: str, path: str, body: dict[str, Any] | None, auth: bool) -> tuple[int, Any]:
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.base_url + path, data=data, method=method)
         req.add_header("Content-Type", "application/json")
@@ -71,11 +79,7 @@ class AirflowClient:
 
     def get(self, path: str) -> tuple[int, Any]:
         """An authenticated GET of an API path (``/api/v2/...``): the HTTP status and the JSON body."""
-        status, payload = self._request("GET", path, None)
-        if status == 401:
-            self._token = None  # expired: log in again once
-            status, payload = self._request("GET", path, None)
-        return status, payload
+        return self._request("GET", path, None)
 
     def dag_runs(self, dag_id: str) -> list[dict[str, Any]]:
         """The DAG's runs as the REST API lists them (run id, state, conf, ...)."""
@@ -83,6 +87,13 @@ class AirflowClient:
         if status != 200:
             raise TriggerRejected(f"listing runs of {dag_id}: HTTP {status}: {payload}")
         return payload["dag_runs"]
+
+    def set_note(self, dag_id: str, run_id: str, note: str) -> None:
+        path = (f"/api/v2/dags/{urllib.parse.quote(dag_id, safe='')}/dagRuns/"
+                f"{urllib.parse.quote(run_id, safe='')}")
+        status, payload = self._request("PATCH", path + "?update_mask=note", {"note": note})
+        if status != 200:
+            raise TriggerRejected(f"note of {run_id}: HTTP {status}: {payload}")
 
     def ensure_pool(self, name: str, slots: int, description: str) -> None:
         """Create the pool, or set its slots: a task in a missing pool is never scheduled."""
@@ -101,12 +112,7 @@ class AirflowClient:
         body: dict[str, Any] = {"dag_run_id": run_id, "logical_date": None, "conf": conf}
         if note:
             body["note"] = note
-        for attempt in range(2):
-            status, payload = self._request("POST", path, body)
-            if status == 401 and attempt == 0:
-                self._token = None  # expired: log in again once
-                continue
-            break
+        status, payload = self._request("POST", path, body)
         if status in (200, 201):
             return TriggerOutcome(created=True)
         if status == 409:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import itertools
 import logging
 import os
 import shutil
@@ -46,10 +47,23 @@ REJECT_CALLING_AE = 0x03
 REJECT_CALLED_AE = 0x07
 
 
+@dataclass(frozen=True)
+class Sender:
+    """Who sent an instance: AE title, ``ip:port``, and an id unique to the association."""
+
+    calling_ae: str
+    peer: str
+    association: str
+
+    @property
+    def host(self) -> str:
+        return self.peer.rpartition(":")[0]
+
+
 class StoreHandler(Protocol):
     """Stores a received file (and consumes it); returns the DIMSE status to answer with."""
 
-    def __call__(self, path: Path, calling_ae: str, peer: str, sha256: str) -> int: ...
+    def __call__(self, path: Path, sender: Sender, sha256: str) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -113,6 +127,7 @@ class Association:
         self.incoming = incoming
         self.on_ended = on_ended
         self.calling_ae = ""
+        self.id = f"{os.getpid()}-{next(_association_ids)}"
         self.contexts: dict[int, PresentationContext] = {}
         self.peer_max_pdu = 0
         self.stored = 0
@@ -123,6 +138,10 @@ class Association:
         self._file = None
         self._file_path: Path | None = None
         self._digest = None  # sha256 of the file, computed while it arrives
+
+    @property
+    def sender(self) -> Sender:
+        return Sender(self.calling_ae, self.peer, self.id)
 
     # -- socket helpers ------------------------------------------------------------------
     def _recv_exact(self, size: int) -> memoryview:
@@ -266,7 +285,7 @@ class Association:
         self._file.close()
         path, request = self._file_path, self._request
         self._file = self._file_path = self._request = None
-        status = self.store(path, self.calling_ae, self.peer, self._digest.hexdigest())
+        status = self.store(path, self.sender, self._digest.hexdigest())
         if status == 0:
             self.stored += 1
         self._respond(request, status)
@@ -284,6 +303,7 @@ class Association:
 
 
 _counter = 0
+_association_ids = itertools.count(1)
 
 
 def _mkstemp(folder: Path) -> tuple[int, str]:

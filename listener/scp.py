@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable
 
 from struct import error as struct_error
 
 from pydicom.errors import InvalidDicomError
 
 from raddeploy_provider.store import IngestResult, StoreError, StudyStore
-from raddeploy_provider.store.header import InstanceHeader
+from raddeploy_provider.store.study_store import FlowSelector
+
+from .association import Sender
 
 log = logging.getLogger("raddeploy.listener")
 
@@ -24,12 +25,13 @@ OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
 
 
-def store_status(store: StudyStore, path: Path, select: Callable[[InstanceHeader], list[str]],
-                 calling_ae: str, peer: str, sha256: str | None = None) -> tuple[int, IngestResult | None]:
+def store_status(store: StudyStore, path: Path, select: FlowSelector, sender: Sender,
+                 sha256: str | None = None) -> tuple[int, IngestResult | None]:
     """Ingest ``path`` (consumed either way) and return the status to answer with."""
-    host = peer.rpartition(":")[0]
+    calling_ae, host = sender.calling_ae, sender.host
     try:
-        return SUCCESS, store.ingest(path, select, calling_ae=calling_ae, peer=peer, sha256=sha256)
+        return SUCCESS, store.ingest(path, select, calling_ae=calling_ae, peer=sender.peer, sha256=sha256,
+                                     association=sender.association)
     except (InvalidDicomError, StoreError, ValueError, EOFError, struct_error) as exc:
         log.warning("instance from %s@%s refused: %s", calling_ae, host, exc)
         return CANNOT_UNDERSTAND, None

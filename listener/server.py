@@ -12,11 +12,12 @@ import socket
 import ssl
 import threading
 from pathlib import Path
+from typing import Callable
 
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.presentation import PresentationContext, build_context
 
-from .association import VERIFICATION, AcceptPolicy, Association, StoreHandler
+from .association import VERIFICATION, AcceptPolicy, Association, Sender, StoreHandler
 
 log = logging.getLogger("raddeploy.listener")
 
@@ -30,7 +31,8 @@ class DicomServer:
     """Listens on ``host:port``; ``store`` turns a received file into a DIMSE status."""
 
     def __init__(self, host: str, port: int, policy: AcceptPolicy, store: StoreHandler, incoming: Path,
-                 network_timeout: float = 60.0, tls: ssl.SSLContext | None = None) -> None:
+                 network_timeout: float = 60.0, tls: ssl.SSLContext | None = None,
+                 on_association_end: Callable[[Sender], None] | None = None) -> None:
         self.host = host
         self.port = port
         self.policy = policy
@@ -38,6 +40,7 @@ class DicomServer:
         self.incoming = incoming
         self.network_timeout = network_timeout
         self.tls = tls
+        self.on_association_end = on_association_end
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._active: set[Association] = set()
@@ -87,6 +90,8 @@ class DicomServer:
     def _ended(self, assoc: Association) -> None:
         with self._lock:
             self._active.discard(assoc)
+        if self.on_association_end is not None:
+            self.on_association_end(assoc.sender)
 
     @property
     def active_associations(self) -> int:

@@ -18,12 +18,15 @@ from raddeploy_provider.store import IngestResult, StudyStore
 from raddeploy_provider.store.header import InstanceHeader
 
 from .airflow_client import AirflowClient
-from .association import AcceptPolicy
+from .association import AcceptPolicy, Sender
 from .outbox import OutboxDelivery
 from .scp import store_status
 from .server import DicomServer, tls_context
 
 log = logging.getLogger("raddeploy.listener")
+
+#: How long past its flow's grouping timeout a run that was never closed blocks a new one.
+ABANDON_SLACK = 600.0
 
 
 class Listener:
@@ -47,18 +50,21 @@ class Listener:
                 raise ValueError("DICOM TLS needs both RADDEPLOY_TLS_CERT and RADDEPLOY_TLS_KEY")
             tls = tls_context(settings.tls_cert, settings.tls_key, settings.tls_ca)
         self.server = DicomServer(settings.listen_host, settings.listen_port, policy, self.handle_store,
-                                  self.store.layout.incoming, tls=tls)
+                                  self.store.layout.incoming, tls=tls,
+                                  on_association_end=lambda sender: self.store.index.association_ended(sender.association))
 
-    def handle_store(self, path: Path, calling_ae: str, peer: str, sha256: str) -> int:
+    def handle_store(self, path: Path, sender: Sender, sha256: str) -> int:
         """A received file: into the store, runs opened, the DIMSE status for the sender."""
-        status, result = store_status(self.store, path, self.select_flows, calling_ae, peer, sha256)
+        status, result = store_status(self.store, path, self.select_flows, sender, sha256)
         if result is not None:
             self.on_ingested(result)
         return status
 
-    def select_flows(self, header: InstanceHeader) -> list[str]:
-        """DAG ids of the valid flows with a trigger this instance satisfies."""
-        return [flow.dag_id for flow in self.flows.current().flows if matched_triggers(flow, header.tags)]
+    def select_flows(self, header: InstanceHeader) -> dict[str, float]:
+        """The valid flows with a trigger this instance satisfies: DAG id -> seconds after which
+        a run that never closed counts as abandoned (the flow's grouping timeout, plus slack)."""
+        return {flow.dag_id: flow.grouping.timeout + ABANDON_SLACK
+                for flow in self.flows.current().flows if matched_triggers(flow, header.tags)}
 
     def on_ingested(self, result: IngestResult) -> None:
         for run in result.opened:
@@ -68,6 +74,7 @@ class Listener:
 
     def start(self) -> None:
         self._clear_incoming()
+        self.store.index.clear_receiving()
         self.flows.current()
         self.outbox.start()  # replays whatever a previous process left pending
         self.server.start()

@@ -3,61 +3,109 @@
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from typing import Any
 
-from airflow.sdk import BaseSensorOperator, PokeReturnValue
-from airflow.sdk.exceptions import AirflowException
+from airflow.sdk import BaseSensorOperator
+from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
+from raddeploy_provider.completion import readiness
 from raddeploy_provider.config import load_settings
-from raddeploy_provider.flows import Flow, unmet_triggers
+from raddeploy_provider.flows import Flow
 from raddeploy_provider.flows.matching import select_inputs
-from raddeploy_provider.store import StudyStore, snapshot
-
 from raddeploy_provider.operators.run_folder import run_dir
+from raddeploy_provider.run_note import set_run_note
+from raddeploy_provider.store import StudyStore, snapshot
+from raddeploy_provider.triggers.study_ready import StudyReadyTrigger
+
+
+#: Seconds of quiet period left that the sensor waits out on the worker instead of deferring.
+SHORT_WAIT = 5.0
 
 
 class FingerprintSensor(BaseSensorOperator):
-    """Proceeds when every trigger of ``flow`` is satisfied and the study has been quiet.
+    """Proceeds when the study satisfies every trigger of ``flow``, no association is still
+    sending it, and it has been quiet for ``grouping.quiet_period``.
 
-    Then it closes the run in the index (later instances open the next generation) and
-    hard-links the matched instances into the run's ``input/`` folder, laid out as the
-    flow says. Returns a small summary (counts and UIDs, no patient data).
+    It checks once on a worker, then defers to :class:`StudyReadyTrigger` on the triggerer
+    (no worker slot held while a study trickles in). When ready it closes the run in the
+    index (later instances open the next generation) and hard-links the matched instances
+    into the run's ``input/`` folder, laid out as the flow says. At ``grouping.timeout`` it
+    follows ``grouping.on_timeout``: ``skip``, ``fail``, or ``proceed`` with what matched.
+    Returns a small summary (counts and UIDs, no patient data).
 
     :param flow: the flow this DAG runs.
+    :param poll_interval: seconds between checks on the triggerer.
     """
 
     ui_color = "#e8f4c7"
 
-    def __init__(self, *, flow: Flow, **kwargs: Any) -> None:
-        kwargs.setdefault("poke_interval", 1.0)
+    def __init__(self, *, flow: Flow, poll_interval: float = 1.0, **kwargs: Any) -> None:
         kwargs.setdefault("timeout", flow.grouping.timeout)
-        kwargs.setdefault("soft_fail", flow.grouping.on_timeout == "skip")
-        super().__init__(**kwargs)
+        super().__init__(poke_interval=poll_interval, **kwargs)
         self.flow = flow
 
-    def poke(self, context: Any) -> PokeReturnValue | bool:
-        conf = context["dag_run"].conf or {}
-        study_uid = conf.get("study_uid")
+    def _study_uid(self, context: Any) -> str:
+        study_uid = (context["dag_run"].conf or {}).get("study_uid")
         if not study_uid:
-            raise AirflowException("this run has no study_uid in its conf: flows are started by the "
-                                   "listener; to start one by hand, trigger with {\"study_uid\": \"...\"}")
+            raise AirflowFailException("this run has no study_uid in its conf: flows are started by the "
+                                       "listener; to start one by hand, trigger with {\"study_uid\": \"...\"}")
+        return study_uid
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        study_uid = self._study_uid(context)
+        settings = load_settings()
+        index = StudyStore(settings.data_dir).index
+        state = readiness(self.flow, index, study_uid)
+        # Only the quiet period left, and little of it: wait here. Deferring costs a round
+        # trip through the triggerer and the scheduler (seconds) to save a worker a moment.
+        while not state.ready and state.only_quiet_left and state.quiet_left <= SHORT_WAIT:
+            time.sleep(state.quiet_left + 0.05)
+            state = readiness(self.flow, index, study_uid)
+        if state.ready:
+            return self._take_input(context, study_uid)
+        self.log.info("waiting: %s", state.waiting_for)
+        set_run_note(self.flow.dag_id, context["run_id"], f"Waiting: {state.waiting_for}")
+        self.defer(
+            trigger=StudyReadyTrigger(
+                flow_file=str(self.flow.source), dag_id=self.flow.dag_id, run_id=context["run_id"],
+                study_uid=study_uid, data_dir=str(settings.data_dir),
+                deadline=time.time() + self.flow.grouping.timeout, poll_interval=self.poke_interval,
+            ),
+            method_name="execute_complete",
+            timeout=timedelta(seconds=self.flow.grouping.timeout + 300),
+        )
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
+        study_uid = self._study_uid(context)
+        status = event.get("status")
+        if status == "ready":
+            return self._take_input(context, study_uid)
+        if status == "error":
+            raise AirflowFailException(event.get("message", "the study could not be checked"))
+        waited = f"{self.flow.grouping.timeout:g} s"
+        message = f"not complete after {waited}: {event.get('waiting_for', '')}"
+        policy = self.flow.grouping.on_timeout
+        if policy == "proceed" and len(event.get("unmet", [])) < len(self.flow.triggers):
+            self.log.warning("%s; proceeding with the triggers that matched", message)
+            return self._take_input(context, study_uid)
+        # Close the run all the same, so that later instances open a new generation.
+        StudyStore(load_settings().data_dir).index.close_run(self.flow.dag_id, context["run_id"], study_uid)
+        set_run_note(self.flow.dag_id, context["run_id"], f"Timed out ({policy}): {message}")
+        if policy == "fail":
+            raise AirflowFailException(message)
+        raise AirflowSkipException(message)
+
+    def _take_input(self, context: Any, study_uid: str) -> dict[str, Any]:
         store = StudyStore(load_settings().data_dir)
-        instances = store.index.instances(study_uid)
-        unmet = unmet_triggers(self.flow, [inst.tags for inst in instances])
-        if unmet:
-            for i in unmet:
-                self.log.info("waiting: trigger %d (%s) not received yet", i + 1, self.flow.triggers[i].describe())
-            return False
-        last = store.index.last_received(study_uid) or 0.0
-        quiet_for = time.time() - last
-        if quiet_for < self.flow.grouping.quiet_period:
-            self.log.info("waiting: study received an instance %.1f s ago; needs %.0f s of quiet",
-                          quiet_for, self.flow.grouping.quiet_period)
-            return False
         instances = store.index.close_run(self.flow.dag_id, context["run_id"], study_uid)
         chosen = [instances[i] for i in select_inputs(self.flow, [(x.series_uid, x.tags) for x in instances])]
+        if not chosen:
+            raise AirflowException(f"study {study_uid} has no instance any trigger matches")
         made = snapshot(chosen, store.layout.root, run_dir(context) / "input", self.flow.input.layout)
-        summary = {"study_uid": study_uid, "instances": len(made),
-                   "series": sorted({x.series_uid for x in chosen})}
-        self.log.info("input ready: %d instances of %d series", len(made), len(summary["series"]))
-        return PokeReturnValue(is_done=True, xcom_value=summary)
+        series = sorted({x.series_uid for x in chosen})
+        summary = {"study_uid": study_uid, "instances": len(made), "series": series}
+        self.log.info("input ready: %d instances of %d series", len(made), len(series))
+        set_run_note(self.flow.dag_id, context["run_id"],
+                     f"Flow {self.flow.name} {self.flow.version}: input {len(made)} instances, {len(series)} series")
+        return summary

@@ -11,13 +11,14 @@ association in its own thread.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -46,6 +47,12 @@ CREATE TABLE IF NOT EXISTS runs (
     PRIMARY KEY (dag_id, run_id)
 );
 CREATE INDEX IF NOT EXISTS runs_study ON runs (dag_id, study_uid, state);
+CREATE TABLE IF NOT EXISTS receiving (   -- associations still sending a study
+    study_uid TEXT NOT NULL,
+    association TEXT NOT NULL,
+    last_seen REAL NOT NULL,
+    PRIMARY KEY (study_uid, association)
+);
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     dag_id TEXT NOT NULL,
@@ -154,31 +161,43 @@ class StudyIndex:
             self._local.db = None
 
     # -- instances ---------------------------------------------------------------------
-    def add(self, inst: StoredInstance, dag_ids: Sequence[str]) -> AddResult:
+    def add(self, inst: StoredInstance, dag_ids: Sequence[str] | Mapping[str, float],
+            association: str = "") -> AddResult:
         """Index ``inst`` and open a run for each of ``dag_ids`` that has none collecting.
 
-        A re-sent identical instance changes nothing and opens nothing, so pushing the same
-        study twice never runs a flow twice.
+        ``dag_ids`` may map each DAG id to the seconds after which a run still "open" is
+        taken as abandoned (its DAG run was deleted or failed before its sensor closed it),
+        so a study is never locked out of a flow for good. A re-sent identical instance
+        changes nothing and opens nothing, so pushing the same study twice never runs a
+        flow twice. ``association`` marks the study as still being sent until
+        :meth:`association_ended`.
         """
+        abandon_after = dict(dag_ids) if isinstance(dag_ids, Mapping) else dict.fromkeys(dag_ids, math.inf)
         with self._tx() as db:
             row = db.execute("SELECT sha256 FROM instances WHERE sop_uid = ?", (inst.sop_uid,)).fetchone()
             if row is not None:
                 return AddResult(duplicate=True, opened=[])
+            if association:
+                db.execute("INSERT INTO receiving VALUES (?,?,?) ON CONFLICT (study_uid, association) "
+                           "DO UPDATE SET last_seen = excluded.last_seen", (inst.study_uid, association, inst.received_at))
             db.execute(
                 "INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (inst.sop_uid, inst.study_uid, inst.series_uid, inst.sop_class_uid,
                  inst.transfer_syntax, inst.path, inst.size, inst.sha256, inst.received_at,
                  inst.calling_ae, inst.peer, json.dumps(inst.tags, separators=(",", ":"))),
             )
-            opened = [run for dag_id in dag_ids if (run := self._open_run(db, dag_id, inst.study_uid))]
+            opened = [run for dag_id, after in abandon_after.items()
+                      if (run := self._open_run(db, dag_id, inst.study_uid, after))]
         return AddResult(duplicate=False, opened=opened)
 
-    def _open_run(self, db: sqlite3.Connection, dag_id: str, study_uid: str) -> RunRef | None:
+    def _open_run(self, db: sqlite3.Connection, dag_id: str, study_uid: str, abandon_after: float) -> RunRef | None:
         row = db.execute(
-            "SELECT MAX(generation) AS g, SUM(state = 'open') AS n_open FROM runs "
-            "WHERE dag_id = ? AND study_uid = ?", (dag_id, study_uid)).fetchone()
+            "SELECT MAX(generation) AS g, SUM(state = 'open' AND opened_at > ?) AS n_open FROM runs "
+            "WHERE dag_id = ? AND study_uid = ?", (time.time() - abandon_after, dag_id, study_uid)).fetchone()
         if row["n_open"]:
             return None
+        db.execute("UPDATE runs SET state = 'abandoned' WHERE dag_id = ? AND study_uid = ? AND state = 'open'",
+                   (dag_id, study_uid))
         generation = (row["g"] or 0) + 1
         run = RunRef(dag_id, run_id_for(study_uid, generation), study_uid, generation)
         now = time.time()
@@ -187,6 +206,21 @@ class StudyIndex:
         db.execute("INSERT INTO outbox (dag_id, run_id, conf, created_at) VALUES (?,?,?,?)",
                    (dag_id, run.run_id, json.dumps(run.conf), now))
         return run
+
+    def association_ended(self, association: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM receiving WHERE association = ?", (association,))
+
+    def clear_receiving(self) -> None:
+        """At listener start: no association of an earlier process is still sending."""
+        with self._tx() as db:
+            db.execute("DELETE FROM receiving")
+
+    def sending(self, study_uid: str, seen_since: float) -> int:
+        """Associations that sent an instance of the study since ``seen_since`` and are still open."""
+        row = self._db().execute("SELECT COUNT(*) AS n FROM receiving WHERE study_uid = ? AND last_seen >= ?",
+                                 (study_uid, seen_since)).fetchone()
+        return row["n"]
 
     def instances(self, study_uid: str) -> list[StoredInstance]:
         rows = self._db().execute(

@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence, Union
 
 from .header import InstanceHeader, read_header
 from .index import AddResult, RunRef, StoredInstance, StudyIndex
@@ -22,8 +22,9 @@ from .layout import DataDir
 
 log = logging.getLogger(__name__)
 
-#: Decides which flows an instance is relevant to (the listener passes trigger matching).
-FlowSelector = Callable[[InstanceHeader], Sequence[str]]
+#: Decides which flows an instance is relevant to (the listener passes trigger matching): DAG
+#: ids, or DAG id -> seconds after which an unclosed run counts as abandoned (see StudyIndex.add).
+FlowSelector = Callable[[InstanceHeader], Union[Sequence[str], Mapping[str, float]]]
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class StudyStore:
         self._sop_locks = [threading.Lock() for _ in range(64)]
 
     def ingest(self, temp_path: Path, select: FlowSelector, calling_ae: str = "", peer: str = "",
-               sha256: str | None = None) -> IngestResult:
+               sha256: str | None = None, association: str = "") -> IngestResult:
         """Move a received Part 10 file into the store and index it.
 
         ``temp_path`` must be on the data dir's file system (``layout.incoming``). On any
@@ -74,12 +75,12 @@ class StudyStore:
             final = self.layout.instance_path(header.study_uid, header.series_uid, header.sop_uid)
             sha = sha256 or file_sha256(temp_path)
             with self._sop_locks[hash(header.sop_uid) % len(self._sop_locks)]:
-                return self._ingest_checked(temp_path, header, final, sha, select, calling_ae, peer)
+                return self._ingest_checked(temp_path, header, final, sha, select, calling_ae, peer, association)
         finally:
             temp_path.unlink(missing_ok=True)
 
     def _ingest_checked(self, temp_path: Path, header: InstanceHeader, final: Path, sha: str,
-                        select: FlowSelector, calling_ae: str, peer: str) -> IngestResult:
+                        select: FlowSelector, calling_ae: str, peer: str, association: str) -> IngestResult:
         known = self.index.instances_by_sop([header.sop_uid]).get(header.sop_uid)
         if known is not None:
             if known.sha256 != sha:
@@ -98,7 +99,7 @@ class StudyStore:
             path=str(final.relative_to(self.layout.root)), size=final.stat().st_size, sha256=sha,
             received_at=time.time(), tags=header.tags, calling_ae=calling_ae, peer=peer,
         )
-        added: AddResult = self.index.add(record, select(header))
+        added: AddResult = self.index.add(record, select(header), association)
         return IngestResult(header, duplicate=added.duplicate, opened=added.opened)
 
     def _place(self, temp_path: Path, final: Path) -> None:

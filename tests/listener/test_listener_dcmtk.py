@@ -1,32 +1,20 @@
-"""The listener process against DCMTK peers: C-ECHO, storage, index, outbox while Airflow is down."""
+"""The listener process against DCMTK peers: C-ECHO, storage, index, outbox while Airflow is down.
+
+The ``listener`` fixture (conftest.py) starts ``python -m listener`` with Airflow "down".
+"""
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from peers import DCMTK_ENV, REPO, free_port, require_tool, storescu, wait_port
+from peers import DCMTK_ENV, require_tool, storescu
 from dicom_factory import make_series
 
 pytestmark = pytest.mark.integration
-
-FLOW = """
-name: Listener test flow
-id: listener_test
-triggers:
-  - Modality: CT
-models:
-  - image: raddeploy/busybox:latest
-    command: ["sh", "-c", "cp /input/* /output/"]
-    inputs: {src: /input}
-    outputs: {dst: /output}
-"""
 
 
 def dataset_bytes(path: Path) -> bytes:
@@ -35,24 +23,6 @@ def dataset_bytes(path: Path) -> bytes:
     assert raw[128:132] == b"DICM"
     group_len = int.from_bytes(raw[140:144], "little")  # (0002,0000) UL value
     return raw[144 + group_len:]
-
-
-@pytest.fixture
-def listener(tmp_path: Path):
-    flows = tmp_path / "flows"
-    flows.mkdir()
-    (flows / "listener_test.yaml").write_text(FLOW)
-    port = free_port()
-    dead_airflow = free_port()  # nothing listens there: Airflow is "down"
-    env = {**os.environ, "RADDEPLOY_DATA": str(tmp_path / "data"), "RADDEPLOY_FLOWS": str(flows),
-           "RADDEPLOY_LISTEN_PORT": str(port), "RADDEPLOY_LISTEN_HOST": "127.0.0.1",
-           "RADDEPLOY_AIRFLOW_URL": f"http://127.0.0.1:{dead_airflow}", "RADDEPLOY_AIRFLOW_PASSWORD": "x"}
-    log = open(tmp_path / "listener.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "listener"], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    wait_port(port, 20)
-    yield {"port": port, "data": tmp_path / "data", "log": tmp_path / "listener.log", "proc": proc}
-    proc.terminate()
-    proc.wait(timeout=15)
 
 
 def test_echo_is_answered(listener):
