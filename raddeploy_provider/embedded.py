@@ -101,17 +101,29 @@ class EmbeddedStack:
         for port in (self.api_port, self.dicom_port):
             if _port_open(port):
                 raise RuntimeError(f"port {port} is already in use: stop what uses it or choose another port")
+        self.start_airflow(timeout)
+        self._ensure_gpu_pool(env)
+        self._start_listener()
+
+    def start_airflow(self, timeout: float = 180.0) -> None:
+        """Airflow standalone, until its API, scheduler, triggerer and dag-processor are healthy."""
         self._airflow = subprocess.Popen(
-            ["airflow", "standalone"], env=env, cwd=self.home,
+            ["airflow", "standalone"], env=self.environment(), cwd=self.home,
             stdout=open(self.logs_dir / "airflow.log", "ab"), stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches us; we stop Airflow in order
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         self._wait(lambda: self._airflow_healthy(), timeout, "Airflow", self._airflow)
-        self._ensure_gpu_pool(env)
+
+    def stop_airflow(self) -> None:
+        """Airflow alone (the listener keeps receiving): for tests of an Airflow outage."""
+        _stop_process(self._airflow, signal.SIGINT, grace=30)
+        self._airflow = None
+
+    def _start_listener(self) -> None:
         out = self.listener_output if self.listener_output is not None else open(self.logs_dir / "listener.log", "ab")
         self._listener = subprocess.Popen(
-            [sys.executable, "-m", "listener"], env=env, cwd=self.home,
+            [sys.executable, "-m", "listener"], env=self.environment(), cwd=self.home,
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
         self._wait(lambda: _port_open(self.dicom_port), 30, "listener", self._listener)
@@ -141,7 +153,7 @@ class EmbeddedStack:
         while time.monotonic() < deadline:
             if ready():
                 return
-            if proc.poll() is not None:
+            if proc is not None and proc.poll() is not None:
                 self.stop()
                 raise RuntimeError(f"{what} exited with code {proc.returncode}; see {self.logs_dir}")
             time.sleep(0.5)
@@ -151,11 +163,7 @@ class EmbeddedStack:
     def restart_listener(self, kill: bool = False) -> None:
         """Stop (or SIGKILL) the listener and start it again: for tests of crash recovery."""
         _stop_process(self._listener, signal.SIGKILL if kill else signal.SIGTERM)
-        out = self.listener_output if self.listener_output is not None else open(self.logs_dir / "listener.log", "ab")
-        self._listener = subprocess.Popen([sys.executable, "-m", "listener"], env=self.environment(),
-                                          cwd=self.home, stdout=out, stderr=subprocess.STDOUT,
-                                          start_new_session=True)
-        self._wait(lambda: _port_open(self.dicom_port), 30, "listener", self._listener)
+        self._start_listener()
 
     def stop(self) -> None:
         """Listener first (it stops accepting), then Airflow with SIGINT, escalating for stragglers."""
