@@ -270,6 +270,21 @@ Ctrl-C stops everything.
     return 0
 
 
+def cmd_runs_show(args: argparse.Namespace) -> int:
+    from raddeploy_provider.store import DataDir, manifest
+
+    runs_root = DataDir(load_settings().data_dir).runs
+    found = manifest.find_run(runs_root, args.run_id, args.dag)
+    if not found:
+        print(f"no run {args.run_id} under {runs_root}" + (f" for flow {args.dag}" if args.dag else ""),
+              file=sys.stderr)
+        return 1
+    for folder in found:
+        data = manifest.assemble(folder)
+        print(json.dumps({"dag_id": folder.parent.name, "run_id": folder.name, **data}, indent=2, sort_keys=True))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="raddeploy", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -293,6 +308,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("graph", help="the task graph of a flow, as its DAG will have it; exit 2 if it does not load")
     p.add_argument("flow", help="a flow file")
     p.set_defaults(func=cmd_graph)
+
+    p = sub.add_parser("runs", help="what runs used and produced (their manifests)")
+    runs = p.add_subparsers(dest="runs_command", required=True)
+    p = runs.add_parser("show", help="print the manifest of a run (RADDEPLOY_DATA)")
+    p.add_argument("run_id", help="the run id, e.g. <StudyInstanceUID>.1")
+    p.add_argument("--dag", help="the flow's DAG id, when several flows ran on the study")
+    p.set_defaults(func=cmd_runs_show)
 
     p = sub.add_parser("run", help="the embedded default: Airflow standalone + listener, in the foreground")
     p.add_argument("--home", default=".raddeploy", help="state folder (default: .raddeploy)")

@@ -41,6 +41,11 @@ class Settings:
     tls_cert: Path | None
     tls_key: Path | None
     tls_ca: Path | None
+    gpu_mode: str
+    gpu_lock_dir: Path
+    gpu_lease_timeout: float
+    model_mem_limit: int
+    model_pids_limit: int
 
     @property
     def studies_dir(self) -> Path:
@@ -78,6 +83,10 @@ def _size(name: str, default: str) -> int:
         raise ValueError(f"{PREFIX}{name}={text!r}: write bytes or a number with k, m or g (2g)") from None
 
 
+def _host_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def _path(name: str) -> Path | None:
     text = _env(name, "")
     return Path(text).absolute() if text else None
@@ -106,4 +115,9 @@ def load_settings() -> Settings:
         tls_cert=_path("TLS_CERT"),
         tls_key=_path("TLS_KEY"),
         tls_ca=_path("TLS_CA"),
+        gpu_mode=_choice("GPU_MODE", "device_request", ("device_request", "env")),
+        gpu_lock_dir=Path(_env("GPU_LOCK_DIR", "/tmp/raddeploy-gpu-locks")),
+        gpu_lease_timeout=float(_env("GPU_LEASE_TIMEOUT", "3600")),
+        model_mem_limit=_size("MODEL_MEM_LIMIT", str(int(_host_memory() * 0.75))),
+        model_pids_limit=int(_env("MODEL_PIDS_LIMIT", "4096")),
     )

@@ -134,7 +134,7 @@ class EmbeddedStack:
 
         from raddeploy_provider.gpus import host_gpu_ids
 
-        ids = host_gpu_ids()
+        ids = host_gpu_ids(env)
         client = AirflowClient(self.api_url, "admin", self.passwords()["admin"])
         client.ensure_pool(env.get("RADDEPLOY_GPU_POOL", "raddeploy_gpu"), len(ids),
                            f"GPUs of this host ({', '.join(ids) or 'none found'}); one slot each")

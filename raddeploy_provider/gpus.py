@@ -10,12 +10,13 @@ import os
 import re
 import shutil
 import subprocess
+from typing import Mapping
 
 _GPU_LINE = re.compile(r"^GPU (\d+):", re.MULTILINE)
 
 
-def host_gpu_ids() -> list[str]:
-    configured = os.environ.get("RADDEPLOY_GPUS")
+def host_gpu_ids(env: Mapping[str, str] = os.environ) -> list[str]:
+    configured = env.get("RADDEPLOY_GPUS")
     if configured is not None:
         return [part for part in re.split(r"[,\s]+", configured) if part]
     smi = shutil.which("nvidia-smi")

@@ -1,30 +1,41 @@
-"""ModelOperator: run one model container of a flow on the run's folders."""
+"""ModelOperator: run one model container of a flow on the run's folders, safely."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+from datetime import datetime, timezone
 from typing import Any, Sequence
 
 import yaml
 from airflow.providers.docker.exceptions import DockerContainerFailedException
 from airflow.providers.docker.operators.docker import DockerOperator
-from airflow.sdk.exceptions import AirflowException
-from docker.types import Mount
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from docker.errors import APIError, DockerException
+from docker.types import DeviceRequest, Mount
 
-from raddeploy_provider.config import load_settings
+from raddeploy_provider.config import Settings, load_settings
 from raddeploy_provider.flows.model import ModelSpec
+from raddeploy_provider.gpu_lease import GpuLease
+from raddeploy_provider.gpus import host_gpu_ids
+from raddeploy_provider.store import manifest
 
 from .run_folder import mount_dir, run_dir
 
 LOG_TAIL_LINES = 20
+GPU_LABEL = "org.raddeploy.gpus"
+RUN_LABEL = "org.raddeploy.run"
+DEFAULT_GPU_SHM = 2 * 1024**3  # PyTorch data loaders need more than Docker's 64 MiB
 
 
 class _HostConfigExtras:
-    """The Docker API client, with the flow's further container settings added to each host config.
+    """The Docker API client, with further settings added to each container's host config.
 
-    DockerOperator builds the host config from a fixed set of arguments; CPU and IO limits
-    from a RadDeploy ``docker_kwargs`` (allow-listed by the schema) ride along here.
+    DockerOperator builds the host config from a fixed set of arguments; the safe defaults
+    (no new privileges, no capabilities, a pids limit) and a RadDeploy ``docker_kwargs``'s
+    CPU and IO limits ride along here.
     """
 
     def __init__(self, client: Any, extras: dict[str, Any]) -> None:
@@ -41,9 +52,14 @@ class _HostConfigExtras:
 class ModelOperator(DockerOperator):
     """A DockerOperator that runs one model of a flow on a run's named folders.
 
-    Inputs are mounted read-only, each output starts empty and must hold a file when the
-    container exits, static assets are mounted read-only, ``config`` is written as YAML to
-    ``config_path``, and the container gets no network unless the flow asks for one.
+    Inputs are mounted read-only; each output starts empty and must hold a file when the
+    container exits; static assets are mounted read-only; ``config`` is written as YAML to
+    ``config_path``. Safe defaults: no network (unless the flow asks), no new privileges,
+    every capability dropped, a memory and a pids limit, the image's own user. A model with
+    ``gpu: N`` leases N device ids of this host for as long as it runs (see
+    :mod:`raddeploy_provider.gpu_lease`). Failures say why: exit code, out of memory,
+    timeout, image not found, with the last lines of the container's log. Each run is
+    recorded in the run manifest.
 
     :param model: the flow's model (image, command, mounts, limits, ...).
     :param flow_id: the flow's DAG id, given to the container as ``RADDEPLOY_FLOW``.
@@ -58,26 +74,27 @@ class ModelOperator(DockerOperator):
 
     def __init__(self, *, model: ModelSpec, flow_id: str, flow_version: str = "",
                  flow_extra: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        kwargs.setdefault("auto_remove", "success")
         kwargs.setdefault("mount_tmp_dir", False)
         command = list(model.command) if isinstance(model.command, tuple) else model.command
         entrypoint = list(model.entrypoint) if isinstance(model.entrypoint, tuple) else model.entrypoint
+        shm_size = model.shm_size or (DEFAULT_GPU_SHM if model.gpu else None)
         super().__init__(
             image=model.image, command=command, entrypoint=entrypoint, environment=dict(model.environment),
-            network_mode=model.network, mem_limit=model.mem_limit, shm_size=model.shm_size, user=model.user,
-            working_dir=model.working_dir, labels=dict(model.labels) or None, ipc_mode=model.ipc_mode,
-            force_pull=model.pull == "always", **kwargs,
+            network_mode=model.network, mem_limit=model.mem_limit, shm_size=shm_size, user=model.user,
+            working_dir=model.working_dir, labels=dict(model.labels), ipc_mode=model.ipc_mode,
+            force_pull=model.pull == "always", auto_remove="never", **kwargs,
         )
         self.model = model
         self.flow_id = flow_id
         self.flow_version = flow_version
         self.flow_extra = dict(flow_extra or {})
+        self._host_extras: dict[str, Any] = {}
 
     @property
     def cli(self) -> Any:
-        client = self.hook.api_client
-        return _HostConfigExtras(client, self.model.host_config) if self.model.host_config else client
+        return _HostConfigExtras(self.hook.api_client, self._host_extras)
 
+    # -- preparing ---------------------------------------------------------------------------
     def _prepare_mounts(self, context: Any) -> list[Mount]:
         mounts = []
         for name, target in self.model.inputs.items():
@@ -91,43 +108,153 @@ class ModelOperator(DockerOperator):
             if folder.exists():  # a retry starts from an empty output, never a half-written one
                 shutil.rmtree(folder)
             folder.mkdir(parents=True)
+            folder.chmod(0o777)  # whatever user the image runs as can write its results
             mounts.append(Mount(target=target, source=str(folder), type="bind", read_only=False))
         static_dir = load_settings().static_dir
         for name, target in self.model.static_mounts.items():
             source = static_dir / name
             if not source.is_dir():
-                raise AirflowException(f"static asset {name!r} is missing: no folder {source}. Put the "
-                                       "asset there (RADDEPLOY_STATIC) or fix static_mounts in the flow.")
+                raise AirflowFailException(f"static asset {name!r} is missing: no folder {source}. Put the "
+                                           "asset there (RADDEPLOY_STATIC) or fix static_mounts in the flow.")
             mounts.append(Mount(target=target, source=str(source), type="bind", read_only=True))
         if self.model.config is not None:
             config_dir = run_dir(context) / "config" / self.task_id
             config_dir.mkdir(parents=True, exist_ok=True)
             config_file = config_dir / "config.yaml"
             config_file.write_text(yaml.safe_dump(self.model.config, sort_keys=False))
+            config_file.chmod(0o644)
             mounts.append(Mount(target=self.model.config_path, source=str(config_file), type="bind",
                                 read_only=True))
         return mounts
 
+    def _safe_defaults(self, settings: Settings) -> None:
+        self._host_extras = {
+            "security_opt": ["no-new-privileges"],
+            "cap_drop": ["ALL"],
+            "pids_limit": settings.model_pids_limit,
+            **self.model.host_config,
+        }
+        if self.mem_limit is None:
+            self.mem_limit = settings.model_mem_limit
+
+    def _use_gpus(self, ids: list[str], settings: Settings) -> None:
+        self.labels = {**(self.labels or {}), GPU_LABEL: ",".join(ids)}
+        if settings.gpu_mode == "env":  # the host's default runtime is NVIDIA's
+            self.environment = {**self.environment, "NVIDIA_VISIBLE_DEVICES": ",".join(ids)}
+        else:
+            self.device_requests = [DeviceRequest(device_ids=ids, capabilities=[["gpu"]])]
+        self._remove_orphans(ids)
+
+    def _remove_orphans(self, ids: list[str]) -> None:
+        """Containers still on our GPUs belong to a task that died (we hold the lease): stop them."""
+        for container in self.hook.api_client.containers(filters={"label": GPU_LABEL}):
+            theirs = set(container["Labels"].get(GPU_LABEL, "").split(","))
+            if theirs & set(ids):
+                self.log.warning("removing container %s left on GPU %s by a task that died",
+                                 container["Id"][:12], ",".join(sorted(theirs & set(ids))))
+                try:
+                    self.hook.api_client.remove_container(container["Id"], force=True)
+                except APIError as exc:
+                    self.log.warning("could not remove it: %s", exc)
+
+    # -- running -----------------------------------------------------------------------------
     def execute(self, context: Any) -> dict[str, Any]:
+        settings = load_settings()
         self.mounts = self._prepare_mounts(context)
-        env = {"RADDEPLOY_RUN_ID": context["run_id"], "RADDEPLOY_FLOW": self.flow_id,
-               "RADDEPLOY_FLOW_VERSION": self.flow_version, "CONTAINER_TAG": self.image}
+        self._safe_defaults(settings)
+        self.environment = {**self.environment, "RADDEPLOY_RUN_ID": context["run_id"], "RADDEPLOY_FLOW": self.flow_id,
+                            "RADDEPLOY_FLOW_VERSION": self.flow_version, "CONTAINER_TAG": self.image}
         if self.flow_extra:
-            env["RADDEPLOY_FLOW_EXTRA"] = json.dumps(self.flow_extra)
-        self.environment = {**self.environment, **env}
-        if self.model.pull == "never" and not self.cli.images(name=self.image):
-            raise AirflowException(f"image {self.image} is not on this host and the flow says `pull: never`: "
-                                   "load or build it on every worker first")
+            self.environment["RADDEPLOY_FLOW_EXTRA"] = json.dumps(self.flow_extra)
+        self.labels = {**(self.labels or {}), RUN_LABEL: f"{self.flow_id}/{context['run_id']}/{self.task_id}"}
+        record: dict[str, Any] = {"image": self.image, "host": socket.gethostname(), "gpus": [],
+                                  "started": _now()}
+        if self.model.pull == "never" and not self.hook.api_client.images(name=self.image):
+            raise AirflowFailException(f"image {self.image} is not on this host and the flow says `pull: never`: "
+                                       "load or build it on every worker first")
+        lease = GpuLease(host_gpu_ids(), self.model.gpu, settings.gpu_lock_dir, settings.gpu_lease_timeout,
+                         on_wait=self.log.info)
         try:
-            super().execute(context)
-        except DockerContainerFailedException as exc:
-            tail = "\n".join((exc.logs or [])[-LOG_TAIL_LINES:]) if isinstance(exc.logs, list) else ""
-            raise AirflowException(f"model container {self.image} failed: {exc}\nlast log lines:\n{tail}") from None
-        written = {name: sum(1 for p in mount_dir(context, name).rglob("*") if p.is_file())
+            with lease as ids:
+                if ids:
+                    self.log.info("leased GPU(s) %s", ",".join(ids))
+                    record["gpus"] = ids
+                    self._use_gpus(ids, settings)
+                self._run(context, record)
+        finally:
+            record["ended"] = _now()
+            manifest.record(run_dir(context), self.task_id, record)
+        written = {name: sorted(str(p.relative_to(mount_dir(context, name)))
+                                for p in mount_dir(context, name).rglob("*") if p.is_file())
                    for name in self.model.outputs}
-        empty = [name for name, count in written.items() if count == 0]
+        record["outputs"] = written
+        manifest.record(run_dir(context), self.task_id, record)
+        empty = [name for name, files in written.items() if not files]
         if empty:
             raise AirflowException(f"model {self.task_id} wrote nothing to output(s) {', '.join(empty)} "
                                    f"({', '.join(self.model.outputs[n] for n in empty)} in the container)")
-        self.log.info("outputs written: %s", written)
-        return {"outputs": written}
+        counts = {name: len(files) for name, files in written.items()}
+        self.log.info("outputs written: %s", counts)
+        return {"outputs": counts, "gpus": record["gpus"]}
+
+    def _run(self, context: Any, record: dict[str, Any]) -> None:
+        """Run the container; on any end (success, failure, timeout, kill) inspect and remove it."""
+        try:
+            super().execute(context)
+        except DockerContainerFailedException as exc:
+            state = self._state()
+            record.update(state)
+            raise AirflowException(self._failure(state, exc.logs)) from None
+        except (APIError, DockerException) as exc:
+            if self.container is None:  # never started: the image, or the Docker engine
+                raise AirflowException(f"model {self.task_id} could not start image {self.image}: {exc}. "
+                                       "Is the image on this host (`docker images`) or pullable?") from None
+            raise
+        else:
+            record.update(self._state())
+        finally:
+            self._remove()
+
+    def _state(self) -> dict[str, Any]:
+        if self.container is None:
+            return {}
+        info = self.hook.api_client.inspect_container(self.container["Id"])
+        state = info.get("State", {})
+        image_id = info.get("Image", "")
+        digests: list[str] = []
+        try:
+            digests = self.hook.api_client.inspect_image(image_id).get("RepoDigests") or []
+        except APIError:
+            pass
+        return {"exit_code": state.get("ExitCode"), "oom_killed": bool(state.get("OOMKilled")),
+                "image_id": image_id, "image_digests": digests}
+
+    def _failure(self, state: dict[str, Any], logs: Any) -> str:
+        tail = "\n".join(logs[-LOG_TAIL_LINES:]) if isinstance(logs, list) else ""
+        code = state.get("exit_code")
+        if state.get("oom_killed"):
+            limit = f"{self.mem_limit // 2**20} MiB" if isinstance(self.mem_limit, int) else str(self.mem_limit)
+            reason = f"was killed for running out of memory (limit {limit}); raise mem_limit in the flow"
+        else:
+            reason = f"exited with code {code}"
+        return f"model {self.task_id} ({self.image}) {reason}\nlast log lines:\n{tail}"
+
+    def _remove(self) -> None:
+        if self.container is None:
+            return
+        try:
+            self.hook.api_client.remove_container(self.container["Id"], force=True)
+        except APIError as exc:
+            if getattr(exc, "status_code", None) != 404:
+                self.log.warning("could not remove container %s: %s", self.container["Id"][:12], exc)
+        self.container = None
+
+    def on_kill(self) -> None:
+        """Timeout, or a user marked the task failed: the container goes, its GPUs with it."""
+        if self.container is not None:
+            self.log.info("stopping and removing container %s", self.container["Id"][:12])
+            self._remove()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")

@@ -15,7 +15,7 @@ from raddeploy_provider.flows import Flow
 from raddeploy_provider.flows.matching import select_inputs
 from raddeploy_provider.operators.run_folder import run_dir
 from raddeploy_provider.run_note import set_run_note
-from raddeploy_provider.store import StudyStore, snapshot
+from raddeploy_provider.store import StudyStore, manifest, snapshot
 from raddeploy_provider.triggers.study_ready import StudyReadyTrigger
 
 
@@ -102,8 +102,14 @@ class FingerprintSensor(BaseSensorOperator):
         chosen = [instances[i] for i in select_inputs(self.flow, [(x.series_uid, x.tags) for x in instances])]
         if not chosen:
             raise AirflowException(f"study {study_uid} has no instance any trigger matches")
-        made = snapshot(chosen, store.layout.root, run_dir(context) / "input", self.flow.input.layout)
+        folder = run_dir(context)
+        made = snapshot(chosen, store.layout.root, folder / "input", self.flow.input.layout)
         series = sorted({x.series_uid for x in chosen})
+        manifest.record(folder, "run", {
+            "flow": {"dag_id": self.flow.dag_id, "name": self.flow.name, "version": self.flow.version,
+                     "file": str(self.flow.source), "sha256": self.flow.file_hash},
+            "study_uid": study_uid, "input": {"series": series, "sop_instance_uids": sorted(x.sop_uid for x in chosen)},
+        })
         summary = {"study_uid": study_uid, "instances": len(made), "series": series}
         self.log.info("input ready: %d instances of %d series", len(made), len(series))
         set_run_note(self.flow.dag_id, context["run_id"],

@@ -275,7 +275,8 @@ def test_docker_settings_of_the_model_operator(tmp_path: Path) -> None:
     assert (native.mem_limit, native.shm_size, native.user) == (24 * 1024**3, 512 * 1024**2, "1000:1000")
     assert (native.network_mode, native.force_pull) == ("bridge", True)
     assert (native.flow_id, native.flow_version, native.flow_extra) == ("docker", "2.0", {"site": "aarhus"})
-    assert (native.auto_remove, native.mount_tmp_dir) == ("success", False)
+    # The operator removes the container itself, after reading why it ended.
+    assert (native.auto_remove, native.mount_tmp_dir) == ("never", False)
 
     rad = by_id["model_1"]
     assert (rad.command, rad.entrypoint) == ("sh -c 'ls /input'", "/bin/sh")

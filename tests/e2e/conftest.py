@@ -43,8 +43,10 @@ def stack(tmp_path_factory, destination, docker_ready) -> EmbeddedStack:
     flows = home / "flows"
     flows.mkdir()
     (flows / "e2e.yaml").write_text(FLOW.format(port=destination.port, ae=destination.ae_title))
+    # Two pretend GPUs, given to containers through NVIDIA_VISIBLE_DEVICES (no GPU needed).
+    gpus = {"RADDEPLOY_GPUS": "0,1", "RADDEPLOY_GPU_MODE": "env", "RADDEPLOY_GPU_LOCK_DIR": str(home / "gpu-locks")}
     stack = EmbeddedStack(home=home, flows_dir=flows, api_port=free_port(), dicom_port=free_port(),
-                          listen_host="127.0.0.1")
+                          listen_host="127.0.0.1", extra_env=gpus)
     stack.start()
     yield stack
     stack.stop()
