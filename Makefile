@@ -33,6 +33,7 @@ clean:
 # Both benchmarks: end-to-end latency, then receive throughput (bench-ingest).
 bench: install images bench-ingest
 	$(PY) bench/e2e_latency.py
+	$(PY) bench/gpu_slots.py
 
 # Receive throughput of the listener against cp, DCMTK storescp and Orthanc (~10 min on 2 cores).
 bench-ingest: install system

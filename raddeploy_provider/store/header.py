@@ -6,6 +6,7 @@ be matched later without opening the file again. Bulk and binary elements are le
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import pydicom
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
@@ -23,6 +24,8 @@ from .uids import checked_uid
 
 _BINARY_VRS = {"OB", "OW", "OF", "OD", "OL", "OV", "UN", "SQ", "AT"}
 _MAX_VALUE_CHARS = 1024
+#: Values longer than this (bytes) are never indexed: pydicom leaves them in the file, as the walker does.
+_DEFER_SIZE = 4 * _MAX_VALUE_CHARS
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,8 @@ def read_header(path: Path) -> InstanceHeader:
             tags, meta = walked.tags, walked.meta
         else:
             fh.seek(0)
-            ds = pydicom.dcmread(fh, stop_before_pixels=True)
+            ds = pydicom.dcmread(fh, stop_before_pixels=True, defer_size=_DEFER_SIZE)
+            _check_values_complete(ds, size)
             _check_pixel_data_complete(fh, ds.file_meta, size)
             tags = _pydicom_tags(ds)
             meta = {k: ds.file_meta.get(k) for k in ("TransferSyntaxUID", "MediaStorageSOPClassUID",
@@ -128,32 +132,55 @@ def read_header(path: Path) -> InstanceHeader:
     return InstanceHeader(
         study_uid=checked_uid(tags.get("StudyInstanceUID"), "StudyInstanceUID"),
         series_uid=checked_uid(tags.get("SeriesInstanceUID"), "SeriesInstanceUID"),
-        sop_uid=checked_uid(tags.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID"), "SOPInstanceUID"),
-        sop_class_uid=checked_uid(tags.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID"), "SOPClassUID"),
+        # From the dataset only: the listener's File Meta repeats the C-STORE request, not the data set,
+        # and an instance without its own UIDs (Type 1) cannot be sent on or matched later.
+        sop_uid=checked_uid(tags.get("SOPInstanceUID"), "SOPInstanceUID"),
+        sop_class_uid=checked_uid(tags.get("SOPClassUID"), "SOPClassUID"),
         transfer_syntax=checked_uid(meta.get("TransferSyntaxUID"), "TransferSyntaxUID"),
         tags=tags,
     )
 
 
 def _walk(fh: IO[bytes], size: int) -> header_walk.Walked | None:
-    """The walker's reading, growing the buffer while the header goes on; None: use pydicom."""
+    """The walker's reading of the file; None: use pydicom."""
     buf = fh.read(min(size, 65536))
-    while True:
+    try:
+        return header_walk.walk(buf)
+    except header_walk.NeedMore:
+        if len(buf) >= size:
+            return None  # cut inside the header: pydicom, then _check_values_complete, say where
+    except (header_walk.Unsupported, struct.error, UnicodeDecodeError, ValueError):
+        return None
+    # The header goes on past what was read (long sequences, a large element before the pixel
+    # data): map the file rather than read it, so the values the walker skips stay on disk.
+    with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
         try:
-            return header_walk.walk(buf)
-        except header_walk.Unsupported:
+            return header_walk.walk(mapped)
+        except (header_walk.Unsupported, header_walk.NeedMore, struct.error, UnicodeDecodeError, ValueError):
             return None
-        except header_walk.NeedMore:
-            if len(buf) >= size:
-                return None  # cut inside the header: pydicom gives the precise error
-            buf += fh.read(len(buf))
-        except (struct.error, UnicodeDecodeError, ValueError):
-            return None
+
+
+def _check_values_complete(ds: pydicom.Dataset, size: int) -> None:
+    """Raise StoreError if a top-level value runs past the end of the file (pydicom reads it short, silently)."""
+    deflated = UID(ds.file_meta.get("TransferSyntaxUID", "")).is_deflated  # read inflated, in memory
+    for tag in ds.keys():
+        raw = ds.get_item(tag, keep_deferred=True)
+        if not isinstance(raw, RawDataElement) or raw.length == 0xFFFFFFFF:
+            continue
+        short = (len(raw.value) < raw.length if raw.value is not None
+                 else not deflated and raw.value_tell + raw.length > size)
+        if short:
+            raise StoreError(f"the file ends inside element {raw.tag} ({size} bytes): it was cut short; "
+                             "send it again")
 
 
 def _pydicom_tags(ds: pydicom.Dataset) -> dict[str, Any]:
     tags: dict[str, Any] = {}
-    for elem in ds:
+    for tag in ds.keys():
+        raw = ds.get_item(tag, keep_deferred=True)
+        if isinstance(raw, RawDataElement) and raw.value is None and raw.length:
+            continue  # deferred: longer than any value the index keeps, and left unread
+        elem = ds[tag]
         if elem.VR in _BINARY_VRS or not elem.keyword or elem.tag.group == 0x7FE0:
             continue
         value = _text(elem)

@@ -95,11 +95,12 @@ def _decode(vr: str, raw: bytes, encoding: str) -> Any:
     return parts[0] if len(parts) == 1 else parts
 
 
-def walk(buf: bytes) -> Walked:
-    """Read the header in ``buf`` (the start of a Part 10 file).
+def walk(buf: bytes, whole_file: bool = False) -> Walked:
+    """Read the header in ``buf`` (the start of a Part 10 file, or all of it: ``whole_file``).
 
-    Raises :class:`NeedMore` when ``buf`` ends inside the header and :class:`Unsupported`
-    for anything to leave to pydicom.
+    Raises :class:`NeedMore` when ``buf`` ends before the header does (a file without pixel
+    data ends its header only at the end of the file) and :class:`Unsupported` for
+    anything to leave to pydicom.
     """
     meta, pos = _meta(buf)
     syntax = meta.get("TransferSyntaxUID", "")
@@ -116,20 +117,8 @@ def walk(buf: bytes) -> Walked:
         tag = (group << 16) | element
         if tag == 0x7FE00010:
             return Walked(meta, tags, pos)
-        if explicit:
-            vr_bytes = buf[pos + 4:pos + 6]
-            if vr_bytes in _LONG_VRS:
-                if pos + 12 > end:
-                    raise NeedMore()
-                length = struct.unpack_from("<I", buf, pos + 8)[0]
-                value_at = pos + 12
-            else:
-                length = struct.unpack_from("<H", buf, pos + 6)[0]
-                value_at = pos + 8
-            vr = vr_bytes.decode("ascii", "replace")
-        else:
-            length = struct.unpack_from("<I", buf, pos + 4)[0]
-            value_at = pos + 8
+        vr, length, value_at = _element_header(buf, pos, explicit)
+        if not explicit:
             vr = _DICTIONARY.get(tag, ("UN", ""))[0]
         if length == _UNDEFINED:
             if vr not in ("SQ", "UN"):
@@ -158,9 +147,21 @@ def walk(buf: bytes) -> Walked:
                 if isinstance(value, list) or len(value) <= _MAX_VALUE:
                     tags[entry[1]] = value
         pos = next_pos
-    if pos > end:
+    if pos > end or not whole_file:
         raise NeedMore()
     return Walked(meta, tags, None)
+
+
+def _element_header(buf: bytes, pos: int, explicit: bool) -> tuple[str, int, int]:
+    """(VR as written, or "" when implicit; value length; offset of the value) of the element at ``pos``."""
+    if not explicit:
+        return "", struct.unpack_from("<I", buf, pos + 4)[0], pos + 8
+    vr_bytes = buf[pos + 4:pos + 6]
+    if vr_bytes in _LONG_VRS:
+        if pos + 12 > len(buf):
+            raise NeedMore()
+        return vr_bytes.decode("ascii", "replace"), struct.unpack_from("<I", buf, pos + 8)[0], pos + 12
+    return vr_bytes.decode("ascii", "replace"), struct.unpack_from("<H", buf, pos + 6)[0], pos + 8
 
 
 def _skip_undefined(buf: bytes, pos: int, explicit: bool) -> int:
@@ -190,20 +191,8 @@ def _skip_item(buf: bytes, pos: int, explicit: bool) -> int:
         group, element = struct.unpack_from("<HH", buf, pos)
         if (group, element) == (0xFFFE, 0xE00D):  # item delimiter
             return pos + 8
-        if explicit:
-            vr_bytes = buf[pos + 4:pos + 6]
-            if vr_bytes in _LONG_VRS:
-                if pos + 12 > end:
-                    raise NeedMore()
-                length = struct.unpack_from("<I", buf, pos + 8)[0]
-                value_at = pos + 12
-            else:
-                length = struct.unpack_from("<H", buf, pos + 6)[0]
-                value_at = pos + 8
-        else:
-            length = struct.unpack_from("<I", buf, pos + 4)[0]
-            value_at = pos + 8
+        vr, length, value_at = _element_header(buf, pos, explicit)
         if length == _UNDEFINED:
-            pos = _skip_undefined(buf, value_at, explicit and buf[pos + 4:pos + 6] != b"UN")
+            pos = _skip_undefined(buf, value_at, explicit and vr != "UN")
         else:
             pos = value_at + length
