@@ -35,7 +35,8 @@ bench: install images bench-ingest
 	$(PY) bench/e2e_latency.py
 	$(PY) bench/gpu_slots.py
 
-# Receive throughput of the listener against cp, DCMTK storescp and Orthanc (~10 min on 2 cores).
+# Receive throughput of the listener against cp, DCMTK storescp and Orthanc (~3 min on 2 cores;
+# the first run also makes its data sets, ~40 s, cached in $TMPDIR/raddeploy-bench-cache).
 bench-ingest: install system
 	@command -v Orthanc >/dev/null 2>&1 || { \
 	  echo "bench-ingest: installing orthanc"; \

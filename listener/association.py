@@ -40,6 +40,11 @@ _PDU_HEAD = struct.Struct(">BBI")
 _PDV_HEAD = struct.Struct(">IBB")
 RELEASE_RP = b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00"
 ABORT = b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x00"  # source: service provider, reason unspecified
+#: The largest PDU we accept, and the P-DATA size we ask senders for. Bounded, so a PDU in
+#: memory stays small whatever the instance's size (a sender told "no limit" may send a whole
+#: instance as one PDU); 1 MiB PDVs already cost nothing per byte.
+MAX_PDU_LENGTH = 1 << 20
+OUT_OF_RESOURCES = 0xA700  # the C-STORE status when the instance cannot be written (disk full)
 
 # A-ASSOCIATE-RJ diagnostics (PS3.8 9.3.4) for source "service user".
 REJECT_NO_REASON = 0x01
@@ -138,6 +143,7 @@ class Association:
         self._file = None
         self._file_path: Path | None = None
         self._digest = None  # sha256 of the file, computed while it arrives
+        self._write_error: OSError | None = None  # writing the file failed: the answer is 0xA700
 
     @property
     def sender(self) -> Sender:
@@ -158,6 +164,8 @@ class Association:
     def _read_pdu(self) -> tuple[int, memoryview]:
         head = self._recv_exact(6)
         pdu_type, _, length = _PDU_HEAD.unpack(head)
+        if length > MAX_PDU_LENGTH:
+            raise ProtocolError(f"PDU of {length} bytes, over the {MAX_PDU_LENGTH} negotiated")
         return pdu_type, self._recv_exact(length) if length else memoryview(b"")
 
     # -- the association -----------------------------------------------------------------
@@ -186,7 +194,10 @@ class Association:
             log.warning("association from %s@%s aborted: %s", self.calling_ae or "?", self.peer_host, exc)
             self._send_quietly(ABORT)
         except (ConnectionError, socket.timeout, OSError) as exc:
-            log.warning("association from %s@%s lost: %s", self.calling_ae or "?", self.peer_host, exc)
+            if not self.calling_ae:  # closed before asking for an association: a port check
+                log.debug("connection from %s closed before an association: %s", self.peer_host, exc)
+            else:
+                log.warning("association from %s@%s lost: %s", self.calling_ae, self.peer_host, exc)
         finally:
             self._discard_partial()
             try:
@@ -228,7 +239,7 @@ class Association:
         accept.result, accept.result_source = 0x00, 0x01
         accept.presentation_context_definition_results_list = accepted
         max_length = MaximumLengthNotification()
-        max_length.maximum_length_received = 0  # no limit: senders use large PDVs
+        max_length.maximum_length_received = MAX_PDU_LENGTH
         impl_uid = ImplementationClassUIDNotification()
         impl_uid.implementation_class_uid = dimse.IMPLEMENTATION_CLASS_UID
         impl_name = ImplementationVersionNameNotification()
@@ -255,10 +266,11 @@ class Association:
                 if header & 0x02:
                     self._command_complete(context_id)
             else:  # dataset fragment
-                if self._file is None:
+                if self._request is None:
                     raise ProtocolError("dataset fragment without a C-STORE request")
-                self._file.write(data)
-                self._digest.update(data)
+                if self._file is not None:  # None after a write error: the rest is read and dropped
+                    self._write(data)
+                    self._digest.update(data)
                 if header & 0x02:
                     self._dataset_complete()
 
@@ -272,19 +284,43 @@ class Association:
         if request.command_field != dimse.C_STORE_RQ or not request.has_dataset:
             raise ProtocolError(f"unsupported DIMSE command 0x{request.command_field:04X}")
         self._request = request
+        self._write_error = None
         cx = self.contexts[context_id]
-        fd, name = _mkstemp(self.incoming)
+        try:
+            fd, name = _mkstemp(self.incoming)
+        except OSError as exc:
+            self._write_error = exc
+            return
         self._file_path = Path(name)
         self._file = os.fdopen(fd, "wb", buffering=1 << 20)
         meta = dimse.file_meta(request.sop_class_uid, request.sop_instance_uid, cx.transfer_syntax[0])
-        self._file.write(meta)
+        self._write(meta)
         self._digest = hashlib.sha256(meta)
 
+    def _write(self, data: bytes | memoryview) -> None:
+        """Append to the file being received; on a write error (disk full) drop the file, answer 0xA700."""
+        assert self._file is not None
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            self._write_error = exc
+            self._discard_partial()
+
     def _dataset_complete(self) -> None:
-        assert self._file is not None and self._file_path is not None and self._request is not None
-        self._file.close()
-        path, request = self._file_path, self._request
-        self._file = self._file_path = self._request = None
+        assert self._request is not None
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError as exc:  # the last buffered bytes did not fit either
+                self._write_error = exc
+                self._discard_partial()
+        path, request, error = self._file_path, self._request, self._write_error
+        self._file = self._file_path = self._request = self._write_error = None
+        if error is not None or path is None:
+            log.error("cannot receive an instance from %s@%s: %s (check free space and permissions of the "
+                      "data dir)", self.calling_ae, self.peer_host, error)
+            self._respond(request, OUT_OF_RESOURCES)
+            return
         status = self.store(path, self.sender, self._digest.hexdigest())
         if status == 0:
             self.stored += 1
@@ -296,7 +332,10 @@ class Association:
     def _discard_partial(self) -> None:
         """A dataset cut off by an abort or a lost connection was never acknowledged: drop it."""
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:  # a full disk fails the last flush too; the file goes anyway
+                pass
         if self._file_path is not None:
             self._file_path.unlink(missing_ok=True)
         self._file = self._file_path = None

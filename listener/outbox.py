@@ -21,7 +21,7 @@ log = logging.getLogger("raddeploy.listener.outbox")
 class OutboxDelivery:
     """A thread that posts pending triggers; :meth:`wake` after committing new ones."""
 
-    def __init__(self, index: StudyIndex, client: AirflowClient, max_backoff: float = 30.0) -> None:
+    def __init__(self, index: StudyIndex, client: AirflowClient, max_backoff: float = 5.0) -> None:
         self.index = index
         self.client = client
         self.max_backoff = max_backoff
@@ -70,6 +70,9 @@ class OutboxDelivery:
         for item in self.index.pending_triggers():
             try:
                 outcome = self.client.trigger(item.dag_id, item.run_id, item.conf)
+            except AirflowUnavailable as exc:
+                self.index.mark_failed_attempt(item.id, f"Airflow unreachable: {exc}")
+                raise
             except TriggerRejected as exc:
                 self.index.mark_failed_attempt(item.id, str(exc))
                 if item.attempts in (0, 5) or item.attempts % 50 == 0:

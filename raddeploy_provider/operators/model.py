@@ -26,6 +26,7 @@ from .run_folder import mount_dir, run_dir
 
 LOG_TAIL_LINES = 20
 GPU_LABEL = "org.raddeploy.gpus"
+GPU_SCOPE_LABEL = "org.raddeploy.gpu-locks"  # the lock folder the lease came from
 RUN_LABEL = "org.raddeploy.run"
 DEFAULT_GPU_SHM = 2 * 1024**3  # PyTorch data loaders need more than Docker's 64 MiB
 
@@ -138,16 +139,16 @@ class ModelOperator(DockerOperator):
             self.mem_limit = settings.model_mem_limit
 
     def _use_gpus(self, ids: list[str], settings: Settings) -> None:
-        self.labels = {**(self.labels or {}), GPU_LABEL: ",".join(ids)}
+        self.labels = {**(self.labels or {}), GPU_LABEL: ",".join(ids), GPU_SCOPE_LABEL: str(settings.gpu_lock_dir)}
         if settings.gpu_mode == "env":  # the host's default runtime is NVIDIA's
             self.environment = {**self.environment, "NVIDIA_VISIBLE_DEVICES": ",".join(ids)}
         else:
             self.device_requests = [DeviceRequest(device_ids=ids, capabilities=[["gpu"]])]
-        self._remove_orphans(ids)
+        self._remove_orphans(ids, str(settings.gpu_lock_dir))
 
-    def _remove_orphans(self, ids: list[str]) -> None:
+    def _remove_orphans(self, ids: list[str], scope: str) -> None:
         """Containers still on our GPUs belong to a task that died (we hold the lease): stop them."""
-        for container in self.hook.api_client.containers(filters={"label": GPU_LABEL}):
+        for container in self.hook.api_client.containers(filters={"label": f"{GPU_SCOPE_LABEL}={scope}"}):
             theirs = set(container["Labels"].get(GPU_LABEL, "").split(","))
             if theirs & set(ids):
                 self.log.warning("removing container %s left on GPU %s by a task that died",
@@ -168,14 +169,20 @@ class ModelOperator(DockerOperator):
             self.environment["RADDEPLOY_FLOW_EXTRA"] = json.dumps(self.flow_extra)
         self.labels = {**(self.labels or {}), RUN_LABEL: f"{self.flow_id}/{context['run_id']}/{self.task_id}"}
         record: dict[str, Any] = {"image": self.image, "host": socket.gethostname(), "gpus": [],
-                                  "started": _now()}
+                                  "queued": _now()}
         if self.model.pull == "never" and not self.hook.api_client.images(name=self.image):
             raise AirflowFailException(f"image {self.image} is not on this host and the flow says `pull: never`: "
                                        "load or build it on every worker first")
-        lease = GpuLease(host_gpu_ids(), self.model.gpu, settings.gpu_lock_dir, settings.gpu_lease_timeout,
+        devices = host_gpu_ids()
+        if self.model.gpu > len(devices):
+            raise AirflowFailException(
+                f"model {self.task_id} needs {self.model.gpu} GPU(s); this host has {len(devices)} "
+                f"({', '.join(devices) or 'none'}). Set RADDEPLOY_GPUS, or route the flow to a GPU host's queue.")
+        lease = GpuLease(devices, self.model.gpu, settings.gpu_lock_dir, settings.gpu_lease_timeout,
                          on_wait=self.log.info)
         try:
             with lease as ids:
+                record["started"] = _now()
                 if ids:
                     self.log.info("leased GPU(s) %s", ",".join(ids))
                     record["gpus"] = ids
@@ -206,6 +213,11 @@ class ModelOperator(DockerOperator):
             record.update(state)
             raise AirflowException(self._failure(state, exc.logs)) from None
         except (APIError, DockerException) as exc:
+            if "could not select device driver" in str(exc):
+                raise AirflowFailException(
+                    f"model {self.task_id} asks for GPUs but Docker here has no GPU driver ({exc}). Install the "
+                    "NVIDIA container toolkit, or set RADDEPLOY_GPU_MODE=env where NVIDIA's runtime is the "
+                    "default.") from None
             if self.container is None:  # never started: the image, or the Docker engine
                 raise AirflowException(f"model {self.task_id} could not start image {self.image}: {exc}. "
                                        "Is the image on this host (`docker images`) or pullable?") from None

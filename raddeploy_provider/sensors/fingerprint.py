@@ -113,5 +113,6 @@ class FingerprintSensor(BaseSensorOperator):
         summary = {"study_uid": study_uid, "instances": len(made), "series": series}
         self.log.info("input ready: %d instances of %d series", len(made), len(series))
         set_run_note(self.flow.dag_id, context["run_id"],
-                     f"Flow {self.flow.name} {self.flow.version}: input {len(made)} instances, {len(series)} series")
+                     f"Flow {' '.join(filter(None, (self.flow.name, self.flow.version)))}: "
+                     f"input {len(made)} instances, {len(series)} series")
         return summary

@@ -124,8 +124,9 @@ def read_header(path: Path) -> InstanceHeader:
         else:
             fh.seek(0)
             ds = pydicom.dcmread(fh, stop_before_pixels=True, defer_size=_DEFER_SIZE)
-            _check_values_complete(ds, size)
+            stopped = fh.tell()
             _check_pixel_data_complete(fh, ds.file_meta, size)
+            _check_values_complete(ds, fh, size, read_to_end=stopped >= size)
             tags = _pydicom_tags(ds)
             meta = {k: ds.file_meta.get(k) for k in ("TransferSyntaxUID", "MediaStorageSOPClassUID",
                                                       "MediaStorageSOPInstanceUID")}
@@ -160,18 +161,26 @@ def _walk(fh: IO[bytes], size: int) -> header_walk.Walked | None:
             return None
 
 
-def _check_values_complete(ds: pydicom.Dataset, size: int) -> None:
-    """Raise StoreError if a top-level value runs past the end of the file (pydicom reads it short, silently)."""
-    deflated = UID(ds.file_meta.get("TransferSyntaxUID", "")).is_deflated  # read inflated, in memory
+def _check_values_complete(ds: pydicom.Dataset, fh: IO[bytes], size: int, read_to_end: bool) -> None:
+    """Raise StoreError if the file ends inside a top-level element: pydicom reads a cut value short,
+    and drops a cut element header, without a word. ``read_to_end``: no pixel data stopped pydicom.
+    """
+    if UID(ds.file_meta.get("TransferSyntaxUID", "")).is_deflated:
+        return  # inflated in memory: a cut stream fails there
+    cut = StoreError(f"the file ends inside an element ({size} bytes): it was cut short; send it again")
+    last = None
     for tag in ds.keys():
         raw = ds.get_item(tag, keep_deferred=True)
         if not isinstance(raw, RawDataElement) or raw.length == 0xFFFFFFFF:
+            last = None
             continue
-        short = (len(raw.value) < raw.length if raw.value is not None
-                 else not deflated and raw.value_tell + raw.length > size)
-        if short:
-            raise StoreError(f"the file ends inside element {raw.tag} ({size} bytes): it was cut short; "
-                             "send it again")
+        if (len(raw.value) if raw.value is not None else size - raw.value_tell) < raw.length:
+            raise cut
+        last = raw
+    if read_to_end and last is not None and last.value_tell + last.length < size:
+        fh.seek(last.value_tell + last.length)
+        if fh.read(8).strip(b"\x00"):  # zeros: padding; anything else: the start of a cut element
+            raise cut
 
 
 def _pydicom_tags(ds: pydicom.Dataset) -> dict[str, Any]:

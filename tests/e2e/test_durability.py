@@ -257,7 +257,9 @@ def test_listener_killed_mid_association(dur_stack, dur_airflow, tmp_path):
     start = time.monotonic()
     push = subprocess.Popen(args, env=DCMTK_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # Kill once a fair part is stored, so the kill lands mid-association whatever the speed.
-    stored = lambda: sum(1 for _ in study_dir.rglob("*.dcm")) if study_dir.exists() else 0  # noqa: E731
+    def stored() -> int:
+        return sum(1 for _ in study_dir.rglob("*.dcm")) if study_dir.exists() else 0
+
     wait_for(lambda: stored() >= 60 or push.poll() is not None, 60, "the push to get going", 0.02)
     assert push.poll() is None, "the push ended before the kill: make the series larger"
     killed_at = time.monotonic() - start
@@ -330,8 +332,11 @@ def test_airflow_outage(dur_stack, dur_airflow, tmp_path):
 
     run_ids = [f"{s}.1" for s in studies]
     marks = ",".join("?" * len(run_ids))
-    pending = lambda: query(stack, f"SELECT run_id, attempts, last_error FROM outbox WHERE run_id IN ({marks}) "  # noqa: E731
-                                   "AND delivered_at IS NULL", tuple(run_ids))
+
+    def pending() -> list[sqlite3.Row]:
+        return query(stack, f"SELECT run_id FROM outbox WHERE run_id IN ({marks}) AND delivered_at IS NULL",
+                     tuple(run_ids))
+
     assert len(pending()) == 3
 
     time.sleep(max(0.0, outage - (time.monotonic() - t0)))

@@ -41,11 +41,12 @@ class RunningListener:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def rss_kb(self) -> int:
+    def vm_kb(self, field: str = "VmRSS") -> int:
+        """A memory figure of the process from /proc/<pid>/status: VmRSS (now), VmHWM (peak RSS)."""
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
-        raise RuntimeError("no VmRSS")
+        raise RuntimeError(f"no {field} in /proc/{self.proc.pid}/status")
 
     def echo(self, ae_title: str = "RADDEPLOY") -> subprocess.CompletedProcess:
         return subprocess.run([require_tool("echoscu"), "-aec", ae_title, "127.0.0.1", str(self.port)],

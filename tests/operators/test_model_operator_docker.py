@@ -1,0 +1,440 @@
+"""ModelOperator against the real Docker engine: isolation, mounts, environment, failures, GPUs.
+
+``execute(context)`` is called directly, as the task runner would, with a minimal context and
+``RADDEPLOY_*`` pointing at ``tmp_path``; no scheduler. Every assertion is on what really
+happened: files the container wrote, ``docker inspect`` taken while it ran, the manifest, the
+exception text. Images: ``raddeploy/busybox`` (sh + coreutils) and ``raddeploy/base``
+(python3), both built by ``make images``; nothing is pulled and no traffic leaves the host.
+After each test no container carrying the test's run label may be left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Iterator
+
+import docker
+import pytest
+import yaml
+from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowTaskTimeout
+from airflow.sdk.execution_time.timeout import timeout
+from docker.errors import NotFound
+
+from raddeploy_provider import cli
+from raddeploy_provider.config import load_settings
+from raddeploy_provider.flows.model import ModelSpec
+from raddeploy_provider.gpu_lease import GpuLease
+from raddeploy_provider.operators.model import GPU_LABEL, GPU_SCOPE_LABEL, RUN_LABEL, ModelOperator
+
+pytestmark = pytest.mark.integration
+
+BUSYBOX = "raddeploy/busybox:latest"
+BASE = "raddeploy/base:bookworm"
+FLOW = "docker_flow"
+
+
+@pytest.fixture(scope="module")
+def api() -> Iterator[docker.APIClient]:
+    if shutil.which("docker") is None:
+        pytest.fail("docker is not installed: run `make test` (it installs docker.io)")
+    client = docker.APIClient(base_url=os.environ.get("DOCKER_HOST", "unix://var/run/docker.sock"))
+    for image in (BUSYBOX, BASE):
+        try:
+            client.inspect_image(image)
+        except docker.errors.DockerException as exc:
+            pytest.fail(f"image {image} is missing or dockerd is down: run `make images` "
+                        f"(scripts/build-images.sh); docker said: {exc}")
+    yield client
+    client.close()
+
+
+def _ours(api: docker.APIClient, run_id: str) -> list[dict[str, Any]]:
+    """Every container, running or not, labelled as belonging to this test's run."""
+    return [c for c in api.containers(all=True, filters={"label": RUN_LABEL})
+            if c["Labels"].get(RUN_LABEL, "").startswith(f"{FLOW}/{run_id}/")]
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, api: docker.APIClient) -> Iterator[SimpleNamespace]:
+    data, static, locks = tmp_path / "data", tmp_path / "static", tmp_path / "gpu-locks"
+    static.mkdir()
+    for name in list(os.environ):
+        if name.startswith("RADDEPLOY_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("RADDEPLOY_DATA", str(data))
+    monkeypatch.setenv("RADDEPLOY_STATIC", str(static))
+    monkeypatch.setenv("RADDEPLOY_GPUS", "")  # no GPU unless a test says so (and no nvidia-smi probe)
+    monkeypatch.setenv("RADDEPLOY_GPU_LOCK_DIR", str(locks))
+    monkeypatch.setenv("RADDEPLOY_GPU_LEASE_TIMEOUT", "30")
+    run_id = f"docker-test-{uuid.uuid4().hex[:12]}"
+    run = data / "runs" / FLOW / run_id
+    (run / "input").mkdir(parents=True)
+    (run / "input" / "CT.1.dcm").write_text("not really DICOM")
+    ns = SimpleNamespace(run=run, run_id=run_id, static=static, locks=locks, api=api,
+                         context={"dag": SimpleNamespace(dag_id=FLOW), "run_id": run_id})
+    yield ns
+    left = _ours(api, run_id)
+    for container in left:
+        api.remove_container(container["Id"], force=True)
+    assert not left, f"containers left behind: {[(c['Id'][:12], c['Labels'][RUN_LABEL]) for c in left]}"
+
+
+def model_op(task_id: str = "model", *, image: str = BUSYBOX, command: Any = None, flow_extra: Any = None,
+             **spec: Any) -> ModelOperator:
+    spec.setdefault("inputs", {"src": "/input"})
+    spec.setdefault("outputs", {"dst": "/output"})
+    return ModelOperator(task_id=task_id, model=ModelSpec(name=task_id, image=image, command=command, **spec),
+                         flow_id=FLOW, flow_version="1.2.0", flow_extra=flow_extra)
+
+
+def sh(script: str) -> list[str]:
+    return ["sh", "-c", script]
+
+
+def task_manifest(env: SimpleNamespace, task_id: str) -> dict[str, Any]:
+    return json.loads((env.run / "manifest.json").read_text())["tasks"][task_id]
+
+
+def watch(api: docker.APIClient, label: str) -> tuple[threading.Thread, dict[str, Any]]:
+    """Inspect the container labelled ``label`` as soon as it runs (in a thread)."""
+    seen: dict[str, Any] = {}
+
+    def poll() -> None:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            for container in api.containers(filters={"label": f"{RUN_LABEL}={label}"}):
+                seen.update(api.inspect_container(container["Id"]))
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    return thread, seen
+
+
+# -- isolation -------------------------------------------------------------------------------
+
+def test_no_network_by_default_only_loopback(env: SimpleNamespace) -> None:
+    model_op(command=sh("ls /sys/class/net > /output/net")).execute(env.context)
+    assert (env.run / "dst" / "net").read_text().split() == ["lo"]
+
+
+def test_bridge_network_when_the_flow_asks(env: SimpleNamespace) -> None:
+    model_op(command=sh("ls /sys/class/net > /output/net"), network="bridge").execute(env.context)
+    assert "eth0" in (env.run / "dst" / "net").read_text().split()
+
+
+def test_safe_defaults_in_docker_inspect(env: SimpleNamespace) -> None:
+    expected_memory = load_settings().model_mem_limit
+    thread, seen = watch(env.api, f"{FLOW}/{env.run_id}/guarded")
+    model_op("guarded", command=sh("sleep 2; id -u > /output/uid")).execute(env.context)
+    thread.join()
+
+    assert seen, "the container was never seen running"
+    host = seen["HostConfig"]
+    assert host["CapDrop"] == ["ALL"]
+    assert "no-new-privileges" in host["SecurityOpt"]
+    assert host["PidsLimit"] == load_settings().model_pids_limit == 4096
+    assert host["Memory"] == expected_memory > 0
+    assert host["NetworkMode"] == "none"
+    assert host["Privileged"] is False
+    image_user = env.api.inspect_image(BUSYBOX)["Config"].get("User") or ""
+    assert seen["Config"]["User"] == image_user  # the image's own user, not one we chose
+    assert (env.run / "dst" / "uid").read_text().strip() == "0"  # that image's user is root
+    assert seen["Config"]["Labels"][RUN_LABEL] == f"{FLOW}/{env.run_id}/guarded"
+
+
+# -- mounts ----------------------------------------------------------------------------------
+
+def test_input_is_read_only(env: SimpleNamespace) -> None:
+    op = model_op("writes_input", command=sh("echo trying; touch /input/new || exit 7"))
+    with pytest.raises(AirflowException) as info:
+        op.execute(env.context)
+    message = str(info.value)
+    assert "exited with code 7" in message
+    assert "Read-only file system" in message
+    assert task_manifest(env, "writes_input")["exit_code"] == 7
+    assert sorted(p.name for p in (env.run / "input").iterdir()) == ["CT.1.dcm"]
+
+
+def test_outputs_config_and_static_mounts(env: SimpleNamespace) -> None:
+    (env.static / "weights").mkdir()
+    (env.static / "weights" / "fold0.txt").write_text("0.5\n")
+    config = {"fold": "all", "thresholds": [100, 300], "name": "hn"}
+    script = """
+        cp /input/CT.1.dcm /output/copy.dcm
+        cp /config/config.yaml /output/config_seen.yaml
+        cat /model/fold0.txt > /output/weights_seen
+        if touch /model/x 2>/output/static_err; then echo writable; else echo read-only; fi > /output/static
+        grep -E ' /(input|output|model|config/config.yaml) ' /proc/mounts > /output/mounts
+    """
+    model_op("full", command=sh(script), static_mounts={"weights": "/model"}, config=config).execute(env.context)
+
+    out = env.run / "dst"
+    assert (out / "copy.dcm").read_text() == "not really DICOM"
+    assert yaml.safe_load((out / "config_seen.yaml").read_text()) == config
+    assert (out / "weights_seen").read_text() == "0.5\n"
+    assert (out / "static").read_text().strip() == "read-only"
+    assert "Read-only file system" in (out / "static_err").read_text()
+    options = {line.split()[1]: line.split()[3].split(",") for line in (out / "mounts").read_text().splitlines()}
+    assert set(options) == {"/input", "/output", "/model", "/config/config.yaml"}
+    assert "ro" in options["/input"] and "ro" in options["/model"] and "ro" in options["/config/config.yaml"]
+    assert "rw" in options["/output"]
+    assert not (env.static / "weights" / "x").exists()
+
+
+def test_missing_static_asset_fails_before_any_container(env: SimpleNamespace) -> None:
+    op = model_op("no_weights", command=sh("true"), static_mounts={"absent_weights": "/model"})
+    with pytest.raises(AirflowFailException, match="static asset 'absent_weights' is missing"):
+        op.execute(env.context)
+    assert env.api.containers(all=True, filters={"label": f"{RUN_LABEL}={FLOW}/{env.run_id}/no_weights"}) == []
+    assert op.container is None
+
+
+# -- environment -----------------------------------------------------------------------------
+
+def test_environment_given_and_no_secrets_leak(env: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RADDEPLOY_AIRFLOW_PASSWORD", "s3cret-password")
+    monkeypatch.setenv("RADDEPLOY_AIRFLOW_USER", "listener")
+    extra = {"site": "Odense", "levels": [1, 2]}
+    model_op(command=sh("env > /output/env"), flow_extra=extra, environment={"THRESHOLD_HU": "100"}
+             ).execute(env.context)
+
+    text = (env.run / "dst" / "env").read_text()
+    assert "s3cret-password" not in text
+    seen = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+    assert {k: v for k, v in seen.items() if k.startswith("RADDEPLOY_")} == {
+        "RADDEPLOY_RUN_ID": env.run_id,
+        "RADDEPLOY_FLOW": FLOW,
+        "RADDEPLOY_FLOW_VERSION": "1.2.0",
+        "RADDEPLOY_FLOW_EXTRA": json.dumps(extra),
+    }
+    assert json.loads(seen["RADDEPLOY_FLOW_EXTRA"]) == extra
+    assert seen["CONTAINER_TAG"] == BUSYBOX
+    assert seen["THRESHOLD_HU"] == "100"
+    assert "AIRFLOW_TMP_DIR" not in seen
+
+
+# -- failures --------------------------------------------------------------------------------
+
+def test_nonzero_exit_says_code_and_last_log_lines(env: SimpleNamespace) -> None:
+    # One stream: Docker reads stdout and stderr apart, so their lines can come in either order.
+    op = model_op("fails", command=sh("exec >&2; for i in $(seq 1 30); do echo line $i; done; "
+                                      "echo fatal: no CT; exit 3"))
+    with pytest.raises(AirflowException) as info:
+        op.execute(env.context)
+    message = str(info.value)
+    assert f"model fails ({BUSYBOX}) exited with code 3" in message
+    assert message.endswith("\n".join(["last log lines:", *(f"line {i}" for i in range(12, 31)), "fatal: no CT"]))
+    record = task_manifest(env, "fails")
+    assert (record["exit_code"], record["oom_killed"]) == (3, False)
+
+
+def test_out_of_memory(env: SimpleNamespace) -> None:
+    op = model_op("hungry", image=BASE, mem_limit=64 * 2**20,
+                  command=["python3", "-c", "x = b'x' * (300 * 2**20); print(len(x))"])
+    with pytest.raises(AirflowException) as info:
+        op.execute(env.context)
+    assert "was killed for running out of memory (limit 64 MiB)" in str(info.value)
+    record = task_manifest(env, "hungry")
+    assert record["oom_killed"] is True
+    assert record["exit_code"] == 137
+
+
+def test_image_not_found(env: SimpleNamespace) -> None:
+    op = model_op("ghost", image="raddeploy/does-not-exist:1", command=sh("true"))
+    with pytest.raises(AirflowException) as info:
+        op.execute(env.context)
+    assert "model ghost could not start image raddeploy/does-not-exist:1" in str(info.value)
+    assert op.container is None
+
+
+def test_image_not_found_with_pull_never(env: SimpleNamespace) -> None:
+    op = model_op("ghost", image="raddeploy/does-not-exist:1", command=sh("true"), pull="never")
+    with pytest.raises(AirflowFailException, match="is not on this host and the flow says `pull: never`"):
+        op.execute(env.context)
+
+
+def test_empty_output_is_named(env: SimpleNamespace) -> None:
+    op = model_op("lazy", command=sh("echo done > /output/ok"), outputs={"dst": "/output", "seg": "/seg"})
+    with pytest.raises(AirflowException) as info:
+        op.execute(env.context)
+    assert str(info.value) == "model lazy wrote nothing to output(s) seg (/seg in the container)"
+    record = task_manifest(env, "lazy")
+    assert record["exit_code"] == 0
+    assert record["outputs"] == {"dst": ["ok"], "seg": []}
+
+
+def test_timeout_removes_container_and_releases_lease(env: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+                                                      ) -> None:
+    monkeypatch.setenv("RADDEPLOY_GPUS", "0")
+    monkeypatch.setenv("RADDEPLOY_GPU_MODE", "env")
+    op = model_op("slow", command=sh("sleep 60"), gpu=1)
+    started = time.monotonic()
+    with pytest.raises(AirflowTaskTimeout):
+        # As Airflow's task runner does it: execution_timeout, then on_kill.
+        try:
+            with timeout(2):
+                op.execute(env.context)
+        except AirflowTaskTimeout:
+            op.on_kill()
+            raise
+    while _ours(env.api, env.run_id) and time.monotonic() - started < 10:
+        time.sleep(0.1)
+    assert _ours(env.api, env.run_id) == []
+    assert time.monotonic() - started < 6
+    lease = GpuLease(["0"], 1, env.locks, timeout=0)
+    assert lease.acquire() == ["0"]  # at once: the task gave GPU 0 back
+    lease.release()
+    record = task_manifest(env, "slow")
+    assert record["gpus"] == ["0"] and "ended" in record
+
+
+# -- GPUs, without a GPU ---------------------------------------------------------------------
+
+def _uptime_script() -> str:
+    # busybox date has no sub-second format; /proc/uptime is the host's clock (no time namespace).
+    return ("echo $NVIDIA_VISIBLE_DEVICES > /output/gpu; cut -d' ' -f1 /proc/uptime > /output/start; "
+            "sleep 2; cut -d' ' -f1 /proc/uptime > /output/end")
+
+
+def test_env_mode_three_tasks_on_two_gpus(env: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RADDEPLOY_GPUS", "0,1")
+    monkeypatch.setenv("RADDEPLOY_GPU_MODE", "env")
+    names = ["gpu_a", "gpu_b", "gpu_c"]
+    ops = [model_op(name, command=sh(_uptime_script().replace("/output", f"/{name}")), gpu=1,
+                    outputs={name: f"/{name}"}) for name in names]
+    with ThreadPoolExecutor(len(ops)) as pool:
+        results = [f.result() for f in [pool.submit(op.execute, env.context) for op in ops]]
+
+    seen = {}
+    for name, result in zip(names, results):
+        folder = env.run / name
+        gpu = (folder / "gpu").read_text().strip()
+        seen[name] = (float((folder / "start").read_text()), float((folder / "end").read_text()), gpu)
+        assert result["gpus"] == [gpu]
+        assert task_manifest(env, name)["gpus"] == [gpu]
+    first, second, third = sorted(seen.values())
+    assert {first[2], second[2]} == {"0", "1"}  # the two that ran together: one GPU each
+    assert second[0] < first[1]  # (they did run together)
+    assert third[0] >= min(first[1], second[1])  # the third waited for one to end
+    # No two containers ever shared a GPU while both ran.
+    for a in seen.values():
+        for b in seen.values():
+            if a is not b and a[2] == b[2]:
+                assert a[1] <= b[0] or b[1] <= a[0]
+
+
+def test_env_mode_two_gpus_for_one_task(env: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RADDEPLOY_GPUS", "0,1")
+    monkeypatch.setenv("RADDEPLOY_GPU_MODE", "env")
+    thread, seen = watch(env.api, f"{FLOW}/{env.run_id}/big")
+    result = model_op("big", command=sh("echo $NVIDIA_VISIBLE_DEVICES > /output/gpu; sleep 1"), gpu=2
+                      ).execute(env.context)
+    thread.join()
+    assert (env.run / "dst" / "gpu").read_text().strip() == "0,1"
+    assert result["gpus"] == ["0", "1"]
+    assert seen["Config"]["Labels"][GPU_LABEL] == "0,1"
+    assert seen["HostConfig"]["ShmSize"] == 2 * 1024**3
+    assert not seen["HostConfig"].get("DeviceRequests")  # env mode: the NVIDIA runtime reads the variable
+
+
+def test_more_gpus_than_the_host_has(env: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RADDEPLOY_GPUS", "0,1")
+    monkeypatch.setenv("RADDEPLOY_GPU_MODE", "env")
+    op = model_op("huge", command=sh("echo hi > /output/x"), gpu=3)
+    with pytest.raises(AirflowFailException) as info:  # no retry: more GPUs will not appear
+        op.execute(env.context)
+    assert str(info.value).startswith("model huge needs 3 GPU(s); this host has 2 (0, 1).")
+    assert op.container is None
+
+
+def test_device_request_mode_container_shape(env: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The container is created as the operator does for leased GPU 1; starting it needs a GPU."""
+    monkeypatch.setenv("RADDEPLOY_GPUS", "0,1")
+    monkeypatch.setenv("RADDEPLOY_GPU_MODE", "device_request")
+    holder = GpuLease(["0"], 1, env.locks, timeout=0)  # GPU 0 is busy: the task gets 1
+    holder.acquire()
+    created: dict[str, Any] = {}
+
+    class NotStarted(Exception):
+        pass
+
+    def start_instead(self: docker.APIClient, container: Any, *args: Any, **kwargs: Any) -> None:
+        created.update(self.inspect_container(container))
+        raise NotStarted()
+
+    monkeypatch.setattr(docker.APIClient, "start", start_instead)
+    op = model_op("segment", command=sh("nvidia-smi > /output/smi"), gpu=1)
+    try:
+        with pytest.raises(NotStarted):
+            op.execute(env.context)
+    finally:
+        holder.release()
+
+    assert created["HostConfig"]["DeviceRequests"] == [
+        {"Driver": "", "Count": 0, "DeviceIDs": ["1"], "Capabilities": [["gpu"]], "Options": {}}]
+    assert created["Config"]["Labels"][GPU_LABEL] == "1"
+    assert not any(e.startswith("NVIDIA_VISIBLE_DEVICES=") for e in created["Config"]["Env"])
+    assert created["HostConfig"]["ShmSize"] == 2 * 1024**3
+    assert created["HostConfig"]["CapDrop"] == ["ALL"]
+    assert task_manifest(env, "segment")["gpus"] == ["1"]
+    # the operator removed it although it never ran (the fixture checks nothing is left)
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is None, reason="no NVIDIA GPU on this machine (nvidia-smi absent)")
+def test_device_request_mode_on_a_real_gpu(env: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RADDEPLOY_GPUS")  # found with nvidia-smi -L
+    monkeypatch.setenv("RADDEPLOY_GPU_MODE", "device_request")
+    result = model_op("on_gpu", command=sh("ls /dev > /output/dev"), gpu=1).execute(env.context)
+    devices = (env.run / "dst" / "dev").read_text().split()
+    assert "nvidiactl" in devices
+    assert [d for d in devices if d.startswith("nvidia") and d[6:].isdigit()] == [f"nvidia{result['gpus'][0]}"]
+
+
+def test_orphan_on_our_gpu_is_removed(env: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RADDEPLOY_GPUS", "0")
+    monkeypatch.setenv("RADDEPLOY_GPU_MODE", "env")
+    api = env.api
+    orphan = api.create_container(BUSYBOX, ["sleep", "300"],
+                                  labels={GPU_LABEL: "0", GPU_SCOPE_LABEL: str(env.locks),
+                                          RUN_LABEL: f"{FLOW}/{env.run_id}/dead_task"},
+                                  host_config=api.create_host_config(network_mode="none"))
+    api.start(orphan["Id"])
+    assert api.inspect_container(orphan["Id"])["State"]["Running"]
+
+    model_op("heir", command=sh("echo $NVIDIA_VISIBLE_DEVICES > /output/gpu"), gpu=1).execute(env.context)
+
+    assert (env.run / "dst" / "gpu").read_text().strip() == "0"
+    with pytest.raises(NotFound):
+        api.inspect_container(orphan["Id"])
+
+
+# -- manifest --------------------------------------------------------------------------------
+
+def test_manifest_after_success_and_runs_show(env: SimpleNamespace, capsys: pytest.CaptureFixture[str]) -> None:
+    model_op("seg", command=sh("mkdir /output/RTSTRUCT; echo a > /output/RTSTRUCT/rs.dcm; echo b > /output/log.txt"),
+             outputs={"dst": "/output"}).execute(env.context)
+
+    record = task_manifest(env, "seg")
+    assert record["image"] == BUSYBOX
+    assert record["image_id"] == env.api.inspect_image(BUSYBOX)["Id"]
+    assert record["image_id"].startswith("sha256:")
+    assert record["exit_code"] == 0 and record["oom_killed"] is False
+    assert record["gpus"] == []
+    assert record["started"] <= record["ended"]
+    assert record["outputs"] == {"dst": ["RTSTRUCT/rs.dcm", "log.txt"]}
+
+    assert cli.main(["runs", "show", env.run_id]) == 0
+    out = capsys.readouterr().out  # (after a log line of Airflow's, when its logging writes to stdout)
+    shown = json.loads(out[out.index('{\n  "'):])
+    assert (shown["dag_id"], shown["run_id"]) == (FLOW, env.run_id)
+    assert shown["tasks"]["seg"] == record
