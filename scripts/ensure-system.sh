@@ -11,6 +11,8 @@ command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
 command -v storescu >/dev/null 2>&1 || need+=(dcmtk)
 command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
 [ -x /bin/busybox ] || need+=(busybox-static)
+command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 if [ ${#need[@]} -gt 0 ]; then
   echo "ensure-system: installing ${need[*]}"
   $SUDO apt-get update -qq
