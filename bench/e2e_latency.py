@@ -10,10 +10,12 @@ scale, the same files are pushed straight to a DCMTK storescp in the same run.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -52,7 +54,7 @@ def main() -> None:
     stack = EmbeddedStack(home=work / "home", flows_dir=flows, api_port=free_port(), dicom_port=free_port(),
                           listen_host="127.0.0.1")
     stack.start()
-    totals, pushes, direct = [], [], []
+    totals, pushes, direct, to_model = [], [], [], []
     try:
         for i in range(args.studies + 1):  # study 0 warms Airflow's lazily built parts up
             series = make_series(work / f"ct{i}", slices=args.slices, size=args.size)
@@ -64,6 +66,7 @@ def main() -> None:
             t0 = time.monotonic()
             done = storescu(stack.dicom_port, series.files)
             push_s = time.monotonic() - t0
+            pushed_at = time.time()  # wall clock, to compare with the manifest's task start
             assert done.returncode == 0, done.stderr
             deadline = time.monotonic() + 300
             while len(dest.files()) < before + args.slices:
@@ -71,9 +74,14 @@ def main() -> None:
                     raise SystemExit(f"study {i} not delivered in 300 s; see {stack.logs_dir}")
                 time.sleep(0.05)
             total = time.monotonic() - t0
+            run = stack.data_dir / "runs" / "bench_ct_threshold" / f"{series.study_uid}.1" / "manifest.json"
+            started = datetime.fromisoformat(json.loads(run.read_text())["tasks"]["threshold"]["started"])
+            beyond_quiet = started.timestamp() - pushed_at - QUIET
             tag = "warm-up" if i == 0 else f"study {i}"
-            print(f"{tag:>8}: push {push_s:5.2f} s (storescp {direct_s:5.2f} s)   push -> delivered {total:6.2f} s")
+            print(f"{tag:>8}: push {push_s:5.2f} s (storescp {direct_s:5.2f} s)   push -> delivered {total:6.2f} s"
+                  f"   last instance -> model start {beyond_quiet:+5.2f} s beyond the quiet period")
             if i:
+                to_model.append(beyond_quiet)
                 totals.append(total)
                 pushes.append(push_s)
                 direct.append(direct_s)
@@ -88,6 +96,8 @@ def main() -> None:
     print(f"push to listener       median {med(pushes):6.2f} s   ratio to DCMTK storescp: {med(direct) / med(pushes):.2f}x")
     print(f"push -> delivered      median {med(totals):6.2f} s   (min {min(totals):.2f}, max {max(totals):.2f})")
     print(f"  of which beyond the quiet period and the push: {med(totals) - QUIET - med(pushes):.2f} s")
+    print(f"last instance -> first model task start: median {med(to_model):.2f} s beyond the quiet period "
+          f"(min {min(to_model):.2f}, max {max(to_model):.2f})")
 
 
 if __name__ == "__main__":
