@@ -7,6 +7,7 @@ The study store does the work; this maps its outcome to the storage service's st
 from __future__ import annotations
 
 import logging
+import sqlite3
 from pathlib import Path
 
 from struct import error as struct_error
@@ -35,7 +36,7 @@ def store_status(store: StudyStore, path: Path, select: FlowSelector, sender: Se
     except (InvalidDicomError, StoreError, ValueError, EOFError, struct_error) as exc:
         log.warning("instance from %s@%s refused: %s", calling_ae, host, exc)
         return CANNOT_UNDERSTAND, None
-    except OSError as exc:
+    except (OSError, sqlite3.OperationalError) as exc:  # the index's disk full or locked too: retry later
         log.error("cannot store an instance from %s@%s: %s (check free space and permissions of the "
                   "data dir)", calling_ae, host, exc)
         return OUT_OF_RESOURCES, None

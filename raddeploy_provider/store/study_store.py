@@ -93,13 +93,17 @@ class StudyStore:
                 temp_path.unlink()
             return IngestResult(header, duplicate=True, opened=[])
         self._place(temp_path, final)
-        record = StoredInstance(
-            sop_uid=header.sop_uid, study_uid=header.study_uid, series_uid=header.series_uid,
-            sop_class_uid=header.sop_class_uid, transfer_syntax=header.transfer_syntax,
-            path=str(final.relative_to(self.layout.root)), size=final.stat().st_size, sha256=sha,
-            received_at=time.time(), tags=header.tags, calling_ae=calling_ae, peer=peer,
-        )
-        added: AddResult = self.index.add(record, select(header), association)
+        try:
+            record = StoredInstance(
+                sop_uid=header.sop_uid, study_uid=header.study_uid, series_uid=header.series_uid,
+                sop_class_uid=header.sop_class_uid, transfer_syntax=header.transfer_syntax,
+                path=str(final.relative_to(self.layout.root)), size=final.stat().st_size, sha256=sha,
+                received_at=time.time(), tags=header.tags, calling_ae=calling_ae, peer=peer,
+            )
+            added: AddResult = self.index.add(record, select(header), association)
+        except BaseException:
+            final.unlink(missing_ok=True)  # not indexed (disk full, say): no file either; the retry starts clean
+            raise
         return IngestResult(header, duplicate=added.duplicate, opened=added.opened)
 
     def _place(self, temp_path: Path, final: Path) -> None:
