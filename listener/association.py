@@ -9,7 +9,6 @@ status (the study store writes, indexes and answers), and the response goes back
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import itertools
 import logging
@@ -38,6 +37,7 @@ APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 VERIFICATION = "1.2.840.10008.1.1"
 _PDU_HEAD = struct.Struct(">BBI")
 _PDV_HEAD = struct.Struct(">IBB")
+HEAD_BYTES = 64 * 1024  # enough for the header of nearly every image
 RELEASE_RP = b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00"
 ABORT = b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x00"  # source: service provider, reason unspecified
 #: The largest PDU we accept, and the P-DATA size we ask senders for. Bounded, so a PDU in
@@ -68,7 +68,7 @@ class Sender:
 class StoreHandler(Protocol):
     """Stores a received file (and consumes it); returns the DIMSE status to answer with."""
 
-    def __call__(self, path: Path, sender: Sender, sha256: str) -> int: ...
+    def __call__(self, path: Path, sender: Sender, head: bytes) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -123,13 +123,14 @@ class Association:
     """Serves one connection until release, abort or a timeout."""
 
     def __init__(self, sock: socket.socket, peer: tuple[str, int], policy: AcceptPolicy,
-                 store: StoreHandler, incoming: Path, on_ended: Callable[["Association"], None] | None = None) -> None:
+                 store: StoreHandler, new_file: Callable[[], tuple[int, str]],
+                 on_ended: Callable[["Association"], None] | None = None) -> None:
         self.sock = sock
         self.peer = f"{peer[0]}:{peer[1]}"
         self.peer_host = peer[0]
         self.policy = policy
         self.store = store
-        self.incoming = incoming
+        self.new_file = new_file  # (descriptor, path) of an empty temporary file in the store's incoming/
         self.on_ended = on_ended
         self.calling_ae = ""
         self.id = f"{os.getpid()}-{next(_association_ids)}"
@@ -140,9 +141,10 @@ class Association:
         self._command = bytearray()
         self._request: dimse.Command | None = None
         self._context_id = 0
-        self._file = None
+        self._buf = bytearray(64 * 1024)
+        self._head = bytearray()  # the file's first HEAD_BYTES, kept so the header is parsed from memory
+        self._fd: int | None = None  # the temporary file being written, unbuffered: no copy on the way
         self._file_path: Path | None = None
-        self._digest = None  # sha256 of the file, computed while it arrives
         self._write_error: OSError | None = None  # writing the file failed: the answer is 0xA700
 
     @property
@@ -151,8 +153,10 @@ class Association:
 
     # -- socket helpers ------------------------------------------------------------------
     def _recv_exact(self, size: int) -> memoryview:
-        buf = bytearray(size)
-        view = memoryview(buf)
+        """``size`` bytes from the socket, in a buffer reused for each PDU (valid until the next read)."""
+        if len(self._buf) < size:
+            self._buf = bytearray(size)
+        view = memoryview(self._buf)[:size]
         got = 0
         while got < size:
             n = self.sock.recv_into(view[got:], size - got)
@@ -162,8 +166,7 @@ class Association:
         return view
 
     def _read_pdu(self) -> tuple[int, memoryview]:
-        head = self._recv_exact(6)
-        pdu_type, _, length = _PDU_HEAD.unpack(head)
+        pdu_type, _, length = _PDU_HEAD.unpack(self._recv_exact(6))
         if length > MAX_PDU_LENGTH:
             raise ProtocolError(f"PDU of {length} bytes, over the {MAX_PDU_LENGTH} negotiated")
         return pdu_type, self._recv_exact(length) if length else memoryview(b"")
@@ -268,9 +271,10 @@ class Association:
             else:  # dataset fragment
                 if self._request is None:
                     raise ProtocolError("dataset fragment without a C-STORE request")
-                if self._file is not None:  # None after a write error: the rest is read and dropped
+                if self._fd is not None:  # None after a write error: the rest is read and dropped
                     self._write(data)
-                    self._digest.update(data)
+                    if len(self._head) < HEAD_BYTES:
+                        self._head += data[:HEAD_BYTES - len(self._head)]
                 if header & 0x02:
                     self._dataset_complete()
 
@@ -287,41 +291,39 @@ class Association:
         self._write_error = None
         cx = self.contexts[context_id]
         try:
-            fd, name = _mkstemp(self.incoming)
+            fd, name = self.new_file()
         except OSError as exc:
             self._write_error = exc
             return
         self._file_path = Path(name)
-        self._file = os.fdopen(fd, "wb", buffering=1 << 20)
+        self._fd = fd
         meta = dimse.file_meta(request.sop_class_uid, request.sop_instance_uid, cx.transfer_syntax[0])
         self._write(meta)
-        self._digest = hashlib.sha256(meta)
+        self._head = bytearray(meta)
 
     def _write(self, data: bytes | memoryview) -> None:
         """Append to the file being received; on a write error (disk full) drop the file, answer 0xA700."""
-        assert self._file is not None
+        assert self._fd is not None
+        view = memoryview(data)
         try:
-            self._file.write(data)
+            while view:
+                view = view[os.write(self._fd, view):]
         except OSError as exc:
             self._write_error = exc
             self._discard_partial()
 
     def _dataset_complete(self) -> None:
         assert self._request is not None
-        if self._file is not None:
-            try:
-                self._file.close()
-            except OSError as exc:  # the last buffered bytes did not fit either
-                self._write_error = exc
-                self._discard_partial()
+        if self._fd is not None:
+            os.close(self._fd)
         path, request, error = self._file_path, self._request, self._write_error
-        self._file = self._file_path = self._request = self._write_error = None
+        self._fd = self._file_path = self._request = self._write_error = None
         if error is not None or path is None:
             log.error("cannot receive an instance from %s@%s: %s (check free space and permissions of the "
                       "data dir)", self.calling_ae, self.peer_host, error)
             self._respond(request, OUT_OF_RESOURCES)
             return
-        status = self.store(path, self.sender, self._digest.hexdigest())
+        status = self.store(path, self.sender, bytes(self._head))
         if status == 0:
             self.stored += 1
         self._respond(request, status)
@@ -331,27 +333,11 @@ class Association:
 
     def _discard_partial(self) -> None:
         """A dataset cut off by an abort or a lost connection was never acknowledged: drop it."""
-        if self._file is not None:
-            try:
-                self._file.close()
-            except OSError:  # a full disk fails the last flush too; the file goes anyway
-                pass
+        if self._fd is not None:
+            os.close(self._fd)
         if self._file_path is not None:
             self._file_path.unlink(missing_ok=True)
-        self._file = self._file_path = None
+        self._fd = self._file_path = None
 
 
-_counter = 0
 _association_ids = itertools.count(1)
-
-
-def _mkstemp(folder: Path) -> tuple[int, str]:
-    """A new temporary file in ``folder`` (cheaper than tempfile.mkstemp's random names)."""
-    global _counter
-    while True:
-        _counter += 1
-        name = os.path.join(folder, f"{os.getpid()}-{_counter}.part")
-        try:
-            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), name
-        except FileExistsError:
-            continue

@@ -27,12 +27,12 @@ CANNOT_UNDERSTAND = 0xC000
 
 
 def store_status(store: StudyStore, path: Path, select: FlowSelector, sender: Sender,
-                 sha256: str | None = None) -> tuple[int, IngestResult | None]:
+                 head: bytes | None = None) -> tuple[int, IngestResult | None]:
     """Ingest ``path`` (consumed either way) and return the status to answer with."""
     calling_ae, host = sender.calling_ae, sender.host
     try:
-        return SUCCESS, store.ingest(path, select, calling_ae=calling_ae, peer=sender.peer, sha256=sha256,
-                                     association=sender.association)
+        return SUCCESS, store.ingest(path, select, calling_ae=calling_ae, peer=sender.peer,
+                                     association=sender.association, head=head)
     except (InvalidDicomError, StoreError, ValueError, EOFError, struct_error) as exc:
         log.warning("instance from %s@%s refused: %s", calling_ae, host, exc)
         return CANNOT_UNDERSTAND, None

@@ -18,6 +18,7 @@ from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.presentation import PresentationContext, build_context
 
 from .association import VERIFICATION, AcceptPolicy, Association, Sender, StoreHandler
+from .tempfiles import TempFilePool
 
 log = logging.getLogger("raddeploy.listener")
 
@@ -37,7 +38,7 @@ class DicomServer:
         self.port = port
         self.policy = policy
         self.store = store
-        self.incoming = incoming
+        self.temp_files = TempFilePool(incoming)
         self.network_timeout = network_timeout
         self.tls = tls
         self.on_association_end = on_association_end
@@ -55,6 +56,7 @@ class DicomServer:
         sock.bind((self.host, self.port))
         sock.listen(64)
         self._sock = sock
+        self.temp_files.start()
         self._thread = threading.Thread(target=self._accept_loop, name="dicom-accept", daemon=True)
         self._thread.start()
         log.info("listening as %s on %s:%d", self.policy.ae_title, self.host, self.port)
@@ -82,7 +84,7 @@ class DicomServer:
                 log.warning("TLS handshake with %s failed: %s", peer[0], exc)
                 conn.close()
                 return
-        assoc = Association(conn, peer, self.policy, self.store, self.incoming, on_ended=self._ended)
+        assoc = Association(conn, peer, self.policy, self.store, self.temp_files.take, on_ended=self._ended)
         with self._lock:
             self._active.add(assoc)
         assoc.serve()
@@ -114,6 +116,7 @@ class DicomServer:
                     assoc.sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+        self.temp_files.stop()
 
 
 def tls_context(cert: Path, key: Path, ca: Path | None) -> ssl.SSLContext:

@@ -9,6 +9,7 @@ import ipaddress
 import logging
 import signal
 import threading
+import time
 from pathlib import Path
 
 from raddeploy_provider.config import Settings, load_settings
@@ -38,6 +39,8 @@ class Listener:
         self.flows = FlowRegistry(settings.flows_dir)
         self.client = AirflowClient(settings.airflow_url, settings.airflow_user, settings.airflow_password)
         self.outbox = OutboxDelivery(self.store.index, self.client)
+        self._stopping = threading.Event()
+        self._hasher = threading.Thread(target=self._hash_when_idle, name="hasher", daemon=True)
         policy = AcceptPolicy(
             settings.ae_title, check_called_ae=settings.check_called_ae,
             allowed_calling=frozenset(settings.allowed_calling_aets),
@@ -53,9 +56,9 @@ class Listener:
                                   self.store.layout.incoming, tls=tls,
                                   on_association_end=lambda sender: self.store.index.association_ended(sender.association))
 
-    def handle_store(self, path: Path, sender: Sender, sha256: str) -> int:
+    def handle_store(self, path: Path, sender: Sender, head: bytes) -> int:
         """A received file: into the store, runs opened, the DIMSE status for the sender."""
-        status, result = store_status(self.store, path, self.select_flows, sender, sha256)
+        status, result = store_status(self.store, path, self.select_flows, sender, head)
         if result is not None:
             self.on_ingested(result)
         return status
@@ -77,11 +80,29 @@ class Listener:
         self.store.index.clear_receiving()
         self.flows.current()
         self.outbox.start()  # replays whatever a previous process left pending
+        self._hasher.start()
         self.server.start()
 
     def stop(self) -> None:
         self.server.stop()
         self.outbox.stop()
+        self._stopping.set()
+        self._hasher.join(timeout=10)
+
+    def _hash_when_idle(self) -> None:
+        """Record the files' sha256 while no association is sending (or every 30 s at least):
+        hashing competes with receiving for the CPU, and nobody waits for a hash."""
+        last = time.monotonic()
+        while not self._stopping.wait(1.0):
+            if self.server.active_associations and time.monotonic() - last < 30:
+                continue
+            try:
+                while self.store.fill_missing_hashes(200) and not self._stopping.is_set():
+                    if self.server.active_associations:
+                        break
+            except Exception:
+                log.exception("recording file hashes failed; will retry")
+            last = time.monotonic()
 
     def _clear_incoming(self) -> None:
         """Partial files of associations that died with a previous process: never acknowledged."""

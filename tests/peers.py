@@ -71,3 +71,12 @@ def storescu(port: int, files: list[Path] | Path, ae_title: str = "RADDEPLOY", c
     else:
         args += [str(f) for f in files]
     return subprocess.run(args, env=DCMTK_ENV, capture_output=True, text=True, timeout=300)
+
+
+def partial_files(incoming: Path) -> list[Path]:
+    """Half-received files in a store's ``incoming/`` folder.
+
+    The listener keeps a few empty temporary files ready there (made ahead of need), so an
+    empty file is not a left-over; any byte in one is.
+    """
+    return sorted(p for p in incoming.iterdir() if p.stat().st_size > 0)

@@ -108,11 +108,18 @@ def _check_pixel_data_complete(fh: IO[bytes], meta: Any, size: int) -> None:
             raise cut
 
 
-def read_header(path: Path) -> InstanceHeader:
+def read_header(path: Path, head: bytes | None = None) -> InstanceHeader:
     """Parse the header of a Part 10 file; raises pydicom errors, InvalidUID or StoreError on bad data.
 
     The lean walker (:mod:`.header_walk`) reads the common files; pydicom reads the rest.
+    ``head``: the file's first bytes, when the caller has them in memory (the receiver does),
+    so the common case reads nothing back from disk.
     """
+    if head is not None:
+        size = os.stat(path).st_size
+        walked = _walk_bytes(head, whole_file=len(head) >= size)
+        if walked is not None and _pixel_data_fits(head, walked, size):
+            return _instance_header(walked.tags, walked.meta)
     with open(path, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size
         walked = _walk(fh, size)
@@ -130,6 +137,10 @@ def read_header(path: Path) -> InstanceHeader:
             tags = _pydicom_tags(ds)
             meta = {k: ds.file_meta.get(k) for k in ("TransferSyntaxUID", "MediaStorageSOPClassUID",
                                                       "MediaStorageSOPInstanceUID")}
+    return _instance_header(tags, meta)
+
+
+def _instance_header(tags: dict[str, Any], meta: dict[str, Any]) -> InstanceHeader:
     return InstanceHeader(
         study_uid=checked_uid(tags.get("StudyInstanceUID"), "StudyInstanceUID"),
         series_uid=checked_uid(tags.get("SeriesInstanceUID"), "SeriesInstanceUID"),
@@ -142,13 +153,43 @@ def read_header(path: Path) -> InstanceHeader:
     )
 
 
+def _walk_bytes(buf: bytes, whole_file: bool) -> header_walk.Walked | None:
+    try:
+        return header_walk.walk(buf, whole_file=whole_file)
+    except (header_walk.NeedMore, header_walk.Unsupported, struct.error, UnicodeDecodeError, ValueError):
+        return None
+
+
+def _pixel_data_fits(head: bytes, walked: header_walk.Walked, size: int) -> bool:
+    """True if native pixel data fits the file (checked from ``head``); False: let the file say
+    (encapsulated pixel data, or an element header beyond ``head``)."""
+    if walked.pixel_data_at is None:
+        return True
+    if walked.pixel_data_at + 12 > len(head) or walked.meta.get("TransferSyntaxUID") in (None, ""):
+        return False
+    element = head[walked.pixel_data_at:walked.pixel_data_at + 12]
+    explicit = walked.meta["TransferSyntaxUID"] != header_walk.IMPLICIT_LE
+    if explicit and element[4:6] in (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN"):
+        length, value_at = struct.unpack_from("<I", element, 8)[0], walked.pixel_data_at + 12
+    elif explicit:
+        length, value_at = struct.unpack_from("<H", element, 6)[0], walked.pixel_data_at + 8
+    else:
+        length, value_at = struct.unpack_from("<I", element, 4)[0], walked.pixel_data_at + 8
+    if length == 0xFFFFFFFF:
+        return False  # encapsulated: its items are walked in the file
+    if value_at + length > size:
+        raise StoreError(f"the file ends before its pixel data does ({size} bytes): it was cut short; send it again")
+    return True
+
+
 def _walk(fh: IO[bytes], size: int) -> header_walk.Walked | None:
     """The walker's reading of the file; None: use pydicom."""
     buf = fh.read(min(size, 65536))
+    whole = len(buf) >= size
     try:
-        return header_walk.walk(buf)
+        return header_walk.walk(buf, whole_file=whole)
     except header_walk.NeedMore:
-        if len(buf) >= size:
+        if whole:
             return None  # cut inside the header: pydicom, then _check_values_complete, say where
     except (header_walk.Unsupported, struct.error, UnicodeDecodeError, ValueError):
         return None

@@ -18,7 +18,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -29,13 +29,14 @@ CREATE TABLE IF NOT EXISTS instances (
     transfer_syntax TEXT NOT NULL,
     path TEXT NOT NULL,            -- relative to the data dir
     size INTEGER NOT NULL,
-    sha256 TEXT NOT NULL,
+    sha256 TEXT NOT NULL,          -- '' until the listener's hasher gets to it
     received_at REAL NOT NULL,
     calling_ae TEXT NOT NULL DEFAULT '',
     peer TEXT NOT NULL DEFAULT '',
     tags TEXT NOT NULL             -- JSON: keyword -> text or list of texts
 );
 CREATE INDEX IF NOT EXISTS instances_study ON instances (study_uid, received_at);
+CREATE INDEX IF NOT EXISTS instances_unhashed ON instances (sha256) WHERE sha256 = '';
 CREATE TABLE IF NOT EXISTS runs (
     dag_id TEXT NOT NULL,
     run_id TEXT NOT NULL,
@@ -104,8 +105,9 @@ class RunRef:
 class AddResult:
     """What indexing one instance did."""
 
-    duplicate: bool  # the same SOP instance with the same bytes was already indexed
+    duplicate: bool  # the SOP instance was already indexed (``existing``); nothing was added
     opened: list[RunRef]
+    existing: StoredInstance | None = None
 
 
 @dataclass(frozen=True)
@@ -162,7 +164,7 @@ class StudyIndex:
 
     # -- instances ---------------------------------------------------------------------
     def add(self, inst: StoredInstance, dag_ids: Sequence[str] | Mapping[str, float],
-            association: str = "") -> AddResult:
+            association: str = "", place: Callable[[], None] | None = None) -> AddResult:
         """Index ``inst`` and open a run for each of ``dag_ids`` that has none collecting.
 
         ``dag_ids`` may map each DAG id to the seconds after which a run still "open" is
@@ -170,13 +172,17 @@ class StudyIndex:
         so a study is never locked out of a flow for good. A re-sent identical instance
         changes nothing and opens nothing, so pushing the same study twice never runs a
         flow twice. ``association`` marks the study as still being sent until
-        :meth:`association_ended`.
+        :meth:`association_ended`. ``place`` (put the file where ``inst.path`` says) runs
+        inside the transaction, once the instance is known to be new: one round trip, and
+        no other writer can index the same instance in between.
         """
         abandon_after = dict(dag_ids) if isinstance(dag_ids, Mapping) else dict.fromkeys(dag_ids, math.inf)
         with self._tx() as db:
-            row = db.execute("SELECT sha256 FROM instances WHERE sop_uid = ?", (inst.sop_uid,)).fetchone()
+            row = db.execute("SELECT * FROM instances WHERE sop_uid = ?", (inst.sop_uid,)).fetchone()
             if row is not None:
-                return AddResult(duplicate=True, opened=[])
+                return AddResult(duplicate=True, opened=[], existing=_instance(row))
+            if place is not None:
+                place()
             if association:
                 db.execute("INSERT INTO receiving VALUES (?,?,?) ON CONFLICT (study_uid, association) "
                            "DO UPDATE SET last_seen = excluded.last_seen", (inst.study_uid, association, inst.received_at))
@@ -206,6 +212,16 @@ class StudyIndex:
         db.execute("INSERT INTO outbox (dag_id, run_id, conf, created_at) VALUES (?,?,?,?)",
                    (dag_id, run.run_id, json.dumps(run.conf), now))
         return run
+
+    def missing_hashes(self, limit: int) -> list[tuple[str, str]]:
+        """(SOP Instance UID, path) of instances whose sha256 is not recorded yet."""
+        rows = self._db().execute("SELECT sop_uid, path FROM instances WHERE sha256 = '' LIMIT ?", (limit,))
+        return [(r["sop_uid"], r["path"]) for r in rows]
+
+    def set_hashes(self, hashes: Sequence[tuple[str, str]]) -> None:
+        if hashes:
+            with self._tx() as db:
+                db.executemany("UPDATE instances SET sha256 = ? WHERE sop_uid = ?", [(h, s) for s, h in hashes])
 
     def association_ended(self, association: str) -> None:
         with self._tx() as db:

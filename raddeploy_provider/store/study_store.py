@@ -62,28 +62,44 @@ class StudyStore:
         self._sop_locks = [threading.Lock() for _ in range(64)]
 
     def ingest(self, temp_path: Path, select: FlowSelector, calling_ae: str = "", peer: str = "",
-               sha256: str | None = None, association: str = "") -> IngestResult:
+               sha256: str | None = None, association: str = "", head: bytes | None = None) -> IngestResult:
         """Move a received Part 10 file into the store and index it.
 
         ``temp_path`` must be on the data dir's file system (``layout.incoming``). On any
         error the temporary file is removed and nothing is indexed; the caller answers a
         failure status, so the sender still holds the instance and can send it again.
-        ``sha256`` is the file's digest when the receiver computed it on the way in.
+        ``sha256``: the file's digest if the caller has it; else the index records it later
+        (:meth:`fill_missing_hashes`), off the path the sender waits on. ``head``: the file's
+        first bytes if the caller holds them (saves reading them back).
         """
         try:
-            header = read_header(temp_path)
+            header = read_header(temp_path, head)
             final = self.layout.instance_path(header.study_uid, header.series_uid, header.sop_uid)
-            sha = sha256 or file_sha256(temp_path)
             with self._sop_locks[hash(header.sop_uid) % len(self._sop_locks)]:
-                return self._ingest_checked(temp_path, header, final, sha, select, calling_ae, peer, association)
+                return self._ingest_checked(temp_path, header, final, sha256 or "", select, calling_ae, peer,
+                                            association)
         finally:
             temp_path.unlink(missing_ok=True)
 
     def _ingest_checked(self, temp_path: Path, header: InstanceHeader, final: Path, sha: str,
                         select: FlowSelector, calling_ae: str, peer: str, association: str) -> IngestResult:
-        known = self.index.instances_by_sop([header.sop_uid]).get(header.sop_uid)
-        if known is not None:
-            if known.sha256 != sha:
+        record = StoredInstance(
+            sop_uid=header.sop_uid, study_uid=header.study_uid, series_uid=header.series_uid,
+            sop_class_uid=header.sop_class_uid, transfer_syntax=header.transfer_syntax,
+            path=str(final.relative_to(self.layout.root)), size=os.stat(temp_path).st_size, sha256=sha,
+            received_at=time.time(), tags=header.tags, calling_ae=calling_ae, peer=peer,
+        )
+        try:
+            added: AddResult = self.index.add(record, select(header), association,
+                                              place=lambda: self._place(temp_path, final))
+        except BaseException:
+            if not temp_path.exists():  # placed, then not indexed (disk full, say): no file either
+                final.unlink(missing_ok=True)
+            raise
+        if added.existing is not None:
+            known = added.existing
+            sha = sha or file_sha256(temp_path)
+            if (known.sha256 or file_sha256(self.path_of(known))) != sha:
                 # Same SOP Instance UID, other bytes: keep both, index the first.
                 keep = final.with_name(f"{header.sop_uid}.{sha[:16]}.dcm")
                 self._place(temp_path, keep)
@@ -91,19 +107,6 @@ class StudyStore:
                             header.sop_uid, keep.relative_to(self.layout.root))
             else:
                 temp_path.unlink()
-            return IngestResult(header, duplicate=True, opened=[])
-        self._place(temp_path, final)
-        try:
-            record = StoredInstance(
-                sop_uid=header.sop_uid, study_uid=header.study_uid, series_uid=header.series_uid,
-                sop_class_uid=header.sop_class_uid, transfer_syntax=header.transfer_syntax,
-                path=str(final.relative_to(self.layout.root)), size=final.stat().st_size, sha256=sha,
-                received_at=time.time(), tags=header.tags, calling_ae=calling_ae, peer=peer,
-            )
-            added: AddResult = self.index.add(record, select(header), association)
-        except BaseException:
-            final.unlink(missing_ok=True)  # not indexed (disk full, say): no file either; the retry starts clean
-            raise
         return IngestResult(header, duplicate=added.duplicate, opened=added.opened)
 
     def _place(self, temp_path: Path, final: Path) -> None:
@@ -131,6 +134,19 @@ class StudyStore:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+    def fill_missing_hashes(self, limit: int = 200) -> int:
+        """Record the sha256 of up to ``limit`` indexed instances that have none yet; returns how many."""
+        missing = self.index.missing_hashes(limit)
+        done = []
+        for sop_uid, path in missing:
+            try:
+                done.append((sop_uid, file_sha256(self.layout.root / path)))
+            except FileNotFoundError:
+                log.error("indexed instance %s has no file at %s", sop_uid, path)
+                done.append((sop_uid, "missing"))
+        self.index.set_hashes(done)
+        return len(done)
 
     def path_of(self, inst: StoredInstance) -> Path:
         return self.layout.root / inst.path

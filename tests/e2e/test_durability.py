@@ -24,7 +24,7 @@ from pydicom.uid import generate_uid
 
 from dicom_factory import make_series
 from listener.airflow_client import AirflowClient
-from peers import DCMTK_ENV, StoreSCP, free_port, require_tool, storescu
+from peers import DCMTK_ENV, StoreSCP, free_port, partial_files, require_tool, storescu
 from raddeploy_provider.embedded import EmbeddedStack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
@@ -283,7 +283,7 @@ def test_listener_killed_mid_association(dur_stack, dur_airflow, tmp_path):
     after_restart = set(indexed_sops(stack, study_uid))
     lost = [s for s in acked if s not in after_restart]
     assert not lost, f"{len(lost)} acknowledged instances are not in the index after the kill"
-    leftovers = list((stack.data_dir / "incoming").iterdir())
+    leftovers = partial_files(stack.data_dir / "incoming")
     assert not leftovers, f"incoming/ after restart: {leftovers[:5]}"
 
     # The sender tries again: everything, then the MR the flow also needs.
@@ -298,7 +298,7 @@ def test_listener_killed_mid_association(dur_stack, dur_airflow, tmp_path):
     assert set(sops) == set(sop_by_file.values()) | {sop_of(mr.files[0])}
     on_disk = sorted(study_dir.rglob("*.dcm"))
     assert len(on_disk) == slices + 1, f"{len(on_disk)} files on disk (a duplicate kept as a variant?)"
-    assert not list((stack.data_dir / "incoming").iterdir())
+    assert not partial_files(stack.data_dir / "incoming")
 
     run_id = f"{study_uid}.1"
     wait_run_finished(airflow, stack, run_id, 180)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from peers import DCMTK_ENV, require_tool, storescu
+from peers import DCMTK_ENV, partial_files, require_tool, storescu
 from dicom_factory import make_series
 
 pytestmark = pytest.mark.integration
@@ -47,7 +47,7 @@ def test_storescu_push_is_stored_indexed_and_queued(listener, tmp_path):
         target = by_name[f"{ds.SOPInstanceUID}.dcm"]
         assert target.parent.name == ds.SeriesInstanceUID
         assert dataset_bytes(target) == dataset_bytes(source), f"{source.name} not stored byte-identical"
-    assert list((listener["data"] / "incoming").iterdir()) == []
+    assert partial_files(listener["data"] / "incoming") == []
 
     db = sqlite3.connect(listener["data"] / "index.sqlite3")
     rows = db.execute("SELECT series_uid, json_extract(tags, '$.Modality'), calling_ae, size FROM instances").fetchall()

@@ -40,7 +40,7 @@ from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.pdu_primitives import MaximumLengthNotification
 
 from dicom_factory import make_series
-from peers import DCMTK_ENV, require_tool, storescu
+from peers import DCMTK_ENV, partial_files, require_tool, storescu
 
 pytestmark = pytest.mark.integration
 
@@ -149,21 +149,29 @@ def chunked(monkeypatch):
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
 
 
+def wait_for_hashes(listener, timeout: float = 10.0) -> None:
+    """The listener records each file's sha256 once no association is sending."""
+    deadline = time.monotonic() + timeout
+    while index_rows(listener, "sop_uid") and index_rows(listener, "sop_uid", "sha256 = ''"):
+        assert time.monotonic() < deadline, "file hashes not recorded"
+        time.sleep(0.1)
+
+
 def study_files(listener) -> list[Path]:
     return sorted(p for p in (listener.data / "studies").rglob("*") if p.is_file())
 
 
-def index_rows(listener, columns: str = "sop_uid") -> list[tuple]:
+def index_rows(listener, columns: str = "sop_uid", where: str = "1") -> list[tuple]:
     db = sqlite3.connect(listener.data / "index.sqlite3")
     try:
-        return db.execute(f"SELECT {columns} FROM instances ORDER BY received_at").fetchall()
+        return db.execute(f"SELECT {columns} FROM instances WHERE {where} ORDER BY received_at").fetchall()
     finally:
         db.close()
 
 
 def assert_clean_and_alive(listener) -> None:
     """Nothing half-received left behind; the process is up and answers C-ECHO."""
-    assert sorted((listener.data / "incoming").iterdir()) == [], "partial files left in incoming/"
+    assert partial_files(listener.data / "incoming") == [], "partial files left in incoming/"
     assert listener.proc.poll() is None, f"the listener died:\n{listener.log_text()[-3000:]}"
     echo = listener.echo()
     assert echo.returncode == 0, f"no C-ECHO answer after the test: {echo.stdout}{echo.stderr}"
@@ -325,8 +333,9 @@ def test_missing_and_invalid_uids_are_refused_and_never_a_path(listener, tmp_pat
     del ds.SOPInstanceUID
     files["no SOPInstanceUID, request's is ../../x"] = part10(bad / "request.dcm", encode(ds), "../../x")
 
-    def ignore(path: Path) -> bool:  # what the listener writes anyway
-        return path == listener.log or path.name.startswith("index.sqlite3")
+    def ignore(path: Path) -> bool:  # what the listener writes anyway (and its empty ready-made temp files)
+        return (path == listener.log or path.name.startswith("index.sqlite3")
+                or (path.parent.name == "incoming" and path.stat().st_size == 0))
 
     before = tree(tmp_path, ignore)
     scu = Scu(listener.port)
@@ -372,6 +381,7 @@ def test_duplicate_instances(listener, tmp_path):
     first = listener.data / "studies" / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{sop}.dcm"
     assert study_files(listener) == [first]
     first_sha = hashlib.sha256(first.read_bytes()).hexdigest()
+    wait_for_hashes(listener)
     assert index_rows(listener, "sop_uid, path, sha256") == [(sop, str(first.relative_to(listener.data)), first_sha)]
 
     # The same SOP Instance UID with other bytes: success, both kept, the index keeps the first.
@@ -535,7 +545,7 @@ def test_full_disk_answers_out_of_resources(tiny_disk, start_listener, tmp_path,
             pushed.stdout + pushed.stderr
         assert log_lines(listener, "database or disk is full"), listener.log_text()[-3000:]
         assert study_files(listener) == [stored] and len(index_rows(listener)) == 1
-        assert sorted((listener.data / "incoming").iterdir()) == []
+        assert partial_files(listener.data / "incoming") == []
         filler.unlink()  # space again: the sender's retry is stored
         pushed = storescu(listener.port, [mr[1]], extra=("-v",))
         assert storescu_status_lines(pushed) == ["I: Received Store Response (Success)"]
@@ -673,7 +683,7 @@ def test_dicom_tls(start_listener, tmp_path):
               if "UNEXPECTED_EOF" not in line]  # that one is the fixture's probe of the port
     assert len(failed) == 4, listener.log_text()  # 2 plain TCP, 2 without a certificate
     assert sum("PEER_DID_NOT_RETURN_A_CERTIFICATE" in line for line in failed) == 2, failed
-    assert sorted((listener.data / "incoming").iterdir()) == []
+    assert partial_files(listener.data / "incoming") == []
     echo = subprocess.run([require_tool("echoscu"), "-aec", AE_TITLE, *tls_options, "127.0.0.1",
                            str(listener.port)], env=DCMTK_ENV, capture_output=True, text=True, timeout=30)
     assert echo.returncode == 0, echo.stdout + echo.stderr
