@@ -80,3 +80,14 @@ def partial_files(incoming: Path) -> list[Path]:
     empty file is not a left-over; any byte in one is.
     """
     return sorted(p for p in incoming.iterdir() if p.stat().st_size > 0)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
+    """Poll ``predicate`` until it returns something truthy (returned), or fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

@@ -24,7 +24,7 @@ from pydicom.uid import generate_uid
 
 from dicom_factory import make_series
 from listener.airflow_client import AirflowClient
-from peers import DCMTK_ENV, StoreSCP, free_port, partial_files, require_tool, storescu
+from peers import DCMTK_ENV, StoreSCP, free_port, partial_files, require_tool, storescu, wait_for
 from raddeploy_provider.embedded import EmbeddedStack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
@@ -91,14 +91,6 @@ def shared() -> dict:
 
 
 # -- helpers ----------------------------------------------------------------------------------
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def query(stack: EmbeddedStack, sql: str, args: tuple = ()) -> list[sqlite3.Row]:

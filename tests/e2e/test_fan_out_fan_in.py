@@ -19,7 +19,7 @@ from datetime import datetime
 import pytest
 from pydicom import dcmread
 
-from peers import storescu
+from peers import storescu, wait_for
 from dicom_factory import make_series
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
@@ -109,16 +109,6 @@ destinations:
     port: {destination.port}
     ae_title: {destination.ae_title}
 """
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def max_concurrency(intervals: list[tuple[float, float]]) -> int:

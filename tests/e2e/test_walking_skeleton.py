@@ -7,27 +7,16 @@ path); the flow's model runs on the real Docker engine; DCMTK storescp receives 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 
-from peers import storescu
+from peers import storescu, wait_for
 from dicom_factory import make_series
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
 DAG_ID = "e2e_ct_threshold"
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def test_push_runs_model_and_delivers_derived_series(stack, airflow, destination, tmp_path):
