@@ -24,6 +24,7 @@ from raddeploy_provider.sensors.fingerprint import FingerprintSensor
 log = logging.getLogger(__name__)
 
 SEND_RETRIES = 3
+MAX_ACTIVE_RUNS = 256
 
 
 def build_dag(flow: Flow) -> DAG:
@@ -35,6 +36,10 @@ def build_dag(flow: Flow) -> DAG:
         catchup=False,
         is_paused_upon_creation=False,
         auto_register=False,  # a build that fails half-way must not leave a half DAG behind
+        # Studies arrive in bursts; waiting runs cost nothing (the sensor defers, GPU tasks
+        # queue in their pool), so do not hold runs back at Airflow's default of 16.
+        max_active_runs=MAX_ACTIVE_RUNS,
+        max_active_tasks=MAX_ACTIVE_RUNS,
         tags=["raddeploy", *flow.tags],
         doc_md=f"Flow **{flow.name}** {flow.version} from `{flow.source}` (sha256 {flow.file_hash[:12]}).",
         default_args={"retries": 0},
