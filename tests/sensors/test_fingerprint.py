@@ -1,0 +1,132 @@
+"""The fingerprint sensor and its trigger, on a real study store (no scheduler needed).
+
+The sensor is run the way the task runner does: execute(context) either returns (ready) or
+raises TaskDeferred with the trigger; the trigger's run() is driven with asyncio; then
+execute_complete(context, event) as the runner would call it on resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException, TaskDeferred
+
+from dicom_factory import make_series
+from raddeploy_provider.flows import load_flow
+from raddeploy_provider.sensors.fingerprint import FingerprintSensor
+from raddeploy_provider.store import StudyStore
+from raddeploy_provider.triggers.study_ready import StudyReadyTrigger
+
+FLOW = """
+name: Two modalities
+id: two_modalities
+triggers:
+  - Modality: CT
+  - Modality: MR
+grouping: {{quiet_period: 0.2s, timeout: 30m, on_timeout: {on_timeout}}}
+models: [{{image: "m:1", inputs: {{src: /in}}, outputs: {{dst: /out}}}}]
+"""
+
+
+@pytest.fixture
+def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("RADDEPLOY_DATA", str(tmp_path / "data"))
+    monkeypatch.delenv("RADDEPLOY_AIRFLOW_PASSWORD", raising=False)  # no run notes here
+    store = StudyStore(tmp_path / "data")
+    ct = make_series(tmp_path / "ct", slices=2)
+    mr = make_series(tmp_path / "mr", modality="MR", slices=1, study_uid=ct.study_uid)
+
+    def push(series, association: str = "") -> None:
+        for f in series.files:
+            temp = store.layout.incoming / f.name
+            shutil.copy(f, temp)
+            store.ingest(temp, lambda h: ["two_modalities"], calling_ae="SCANNER", peer="127.0.0.1:5000",
+                         association=association)
+
+    def sensor(on_timeout: str = "skip") -> FingerprintSensor:
+        path = tmp_path / f"flow_{on_timeout}.yaml"
+        path.write_text(FLOW.format(on_timeout=on_timeout))
+        return FingerprintSensor(task_id="fingerprint", flow=load_flow(path), poll_interval=0.05)
+
+    run_id = f"{ct.study_uid}.1"
+    context = {"dag": SimpleNamespace(dag_id="two_modalities"), "run_id": run_id,
+               "dag_run": SimpleNamespace(conf={"study_uid": ct.study_uid, "generation": 1})}
+    return SimpleNamespace(store=store, ct=ct, mr=mr, push=push, sensor=sensor, context=context,
+                           run_dir=tmp_path / "data" / "runs" / "two_modalities" / run_id)
+
+
+def run_trigger(trigger: StudyReadyTrigger, timeout: float = 10.0) -> dict:
+    async def first_event():
+        async for event in trigger.run():
+            return event.payload
+    return asyncio.run(asyncio.wait_for(first_event(), timeout))
+
+
+def test_ready_study_is_taken_at_once(world):
+    world.push(world.ct)
+    world.push(world.mr)
+    time.sleep(0.25)  # the quiet period
+    summary = world.sensor().execute(world.context)
+    assert summary["instances"] == 3 and len(summary["series"]) == 2
+    assert len(list((world.run_dir / "input").iterdir())) == 3
+    assert world.store.index.run_state("two_modalities", world.context["run_id"]) == "closing"
+    manifest = (world.run_dir / "manifest.json").read_text()
+    assert world.ct.study_uid in manifest and "Two modalities" in manifest
+
+
+def test_missing_trigger_defers_then_the_trigger_fires_when_it_arrives(world):
+    world.push(world.ct)
+    sensor = world.sensor()
+    with pytest.raises(TaskDeferred) as deferred:
+        sensor.execute(world.context)
+    trigger = deferred.value.trigger
+    assert isinstance(trigger, StudyReadyTrigger)
+    path, kwargs = trigger.serialize()  # what the triggerer stores and rebuilds it from
+    assert path == "raddeploy_provider.triggers.study_ready.StudyReadyTrigger"
+    trigger = StudyReadyTrigger(**kwargs)
+
+    world.push(world.mr, association="a1")  # arrives while the trigger waits; still sending
+    start = time.monotonic()
+    threading.Timer(0.5, world.store.index.association_ended, args=("a1",)).start()
+    event = run_trigger(trigger)
+    assert event == {"status": "ready"}
+    assert time.monotonic() - start >= 0.5  # not before the association ended
+    summary = sensor.execute_complete(world.context, event)
+    assert summary["instances"] == 3
+
+
+@pytest.mark.parametrize("policy, expected", [("skip", AirflowSkipException), ("fail", AirflowFailException)])
+def test_timeout_follows_on_timeout_and_closes_the_run(world, policy, expected):
+    world.push(world.ct)
+    sensor = world.sensor(policy)
+    trigger = StudyReadyTrigger(flow_file=str(sensor.flow.source), dag_id="two_modalities",
+                                run_id=world.context["run_id"], study_uid=world.ct.study_uid,
+                                data_dir=str(world.store.layout.root), deadline=time.time() + 0.3,
+                                poll_interval=0.05)
+    event = run_trigger(trigger)
+    assert event["status"] == "timeout" and event["unmet"] == [1]
+    assert "trigger 2: Modality=MR - not received yet" in event["waiting_for"]
+    with pytest.raises(expected, match="not complete after 1800 s: trigger 2: Modality=MR - not received yet"):
+        sensor.execute_complete(world.context, event)
+    # Closed all the same: a later MR opens generation 2 instead of joining a dead run.
+    assert world.store.index.run_state("two_modalities", world.context["run_id"]) == "closing"
+
+
+def test_timeout_with_proceed_takes_what_matched(world):
+    world.push(world.ct)
+    sensor = world.sensor("proceed")
+    event = {"status": "timeout", "waiting_for": "trigger 2: Modality=MR - not received yet", "unmet": [1]}
+    summary = sensor.execute_complete(world.context, event)
+    assert summary["instances"] == 2 and summary["series"] == [world.ct.series_uid]
+
+
+def test_a_run_without_a_study_uid_fails_with_what_to_do(world):
+    context = {**world.context, "dag_run": SimpleNamespace(conf={})}
+    with pytest.raises(AirflowFailException, match=r'trigger with \{"study_uid": "..."\}'):
+        world.sensor().execute(context)
