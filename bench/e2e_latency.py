@@ -10,6 +10,7 @@ scale, the same files are pushed straight to a DCMTK storescp in the same run.
 from __future__ import annotations
 
 import argparse
+import shutil
 import json
 import statistics
 import sys
@@ -98,6 +99,7 @@ def main() -> None:
     print(f"  of which beyond the quiet period and the push: {med(totals) - QUIET - med(pushes):.2f} s")
     print(f"last instance -> first model task start: median {med(to_model):.2f} s beyond the quiet period "
           f"(min {min(to_model):.2f}, max {max(to_model):.2f})")
+    shutil.rmtree(work, ignore_errors=True)  # kept only when the benchmark failed, to look into
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ and, from the run manifests, the share of the busy span in which both GPUs were 
 from __future__ import annotations
 
 import argparse
+import shutil
 import json
 import sys
 import tempfile
@@ -104,6 +105,7 @@ def main() -> None:
     print(f"wall time, first push -> last run succeeded: {wall:.1f} s   (ideal {ideal:.0f} s: {ideal / wall:.2f}x of ideal)")
     print(f"GPU tasks: first start -> last end {span:.1f} s; both GPUs busy {share * 100:.0f}% of it")
     print(f"tasks per GPU id: {dict(sorted(per_gpu.items()))}")
+    shutil.rmtree(work, ignore_errors=True)  # kept only when the benchmark failed, to look into
 
 
 if __name__ == "__main__":
