@@ -10,8 +10,8 @@ scale, the same files are pushed straight to a DCMTK storescp in the same run.
 from __future__ import annotations
 
 import argparse
-import shutil
 import json
+import shutil
 import statistics
 import sys
 import tempfile

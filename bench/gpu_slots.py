@@ -11,8 +11,8 @@ and, from the run manifests, the share of the busy span in which both GPUs were 
 from __future__ import annotations
 
 import argparse
-import shutil
 import json
+import shutil
 import sys
 import tempfile
 import time
