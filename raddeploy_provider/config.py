@@ -47,18 +47,6 @@ class Settings:
     model_mem_limit: int
     model_pids_limit: int
 
-    @property
-    def studies_dir(self) -> Path:
-        return self.data_dir / "studies"
-
-    @property
-    def runs_dir(self) -> Path:
-        return self.data_dir / "runs"
-
-    @property
-    def index_path(self) -> Path:
-        return self.data_dir / "index.sqlite3"
-
 
 def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     value = _env(name, default).strip().lower()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from datetime import timedelta
+from functools import cached_property
 from typing import Any
 
 from airflow.sdk import BaseSensorOperator
@@ -45,6 +46,11 @@ class FingerprintSensor(BaseSensorOperator):
         super().__init__(poke_interval=poll_interval, **kwargs)
         self.flow = flow
 
+    @cached_property
+    def store(self) -> StudyStore:
+        """Opened once per task run, on the worker (never at DAG parse)."""
+        return StudyStore(load_settings().data_dir)
+
     def _study_uid(self, context: Any) -> str:
         study_uid = (context["dag_run"].conf or {}).get("study_uid")
         if not study_uid:
@@ -55,7 +61,7 @@ class FingerprintSensor(BaseSensorOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         study_uid = self._study_uid(context)
         settings = load_settings()
-        index = StudyStore(settings.data_dir).index
+        index = self.store.index
         state = readiness(self.flow, index, study_uid)
         # Only the quiet period left, and little of it: wait here. Deferring costs a round
         # trip through the triggerer and the scheduler (seconds) to save a worker a moment.
@@ -90,14 +96,14 @@ class FingerprintSensor(BaseSensorOperator):
             self.log.warning("%s; proceeding with the triggers that matched", message)
             return self._take_input(context, study_uid)
         # Close the run all the same, so that later instances open a new generation.
-        StudyStore(load_settings().data_dir).index.close_run(self.flow.dag_id, context["run_id"], study_uid)
+        self.store.index.close_run(self.flow.dag_id, context["run_id"], study_uid)
         set_run_note(self.flow.dag_id, context["run_id"], f"Timed out ({policy}): {message}")
         if policy == "fail":
             raise AirflowFailException(message)
         raise AirflowSkipException(message)
 
     def _take_input(self, context: Any, study_uid: str) -> dict[str, Any]:
-        store = StudyStore(load_settings().data_dir)
+        store = self.store
         instances = store.index.close_run(self.flow.dag_id, context["run_id"], study_uid)
         chosen = [instances[i] for i in select_inputs(self.flow, [(x.series_uid, x.tags) for x in instances])]
         if not chosen:

@@ -167,14 +167,8 @@ def _pixel_data_fits(head: bytes, walked: header_walk.Walked, size: int) -> bool
         return True
     if walked.pixel_data_at + 12 > len(head) or walked.meta.get("TransferSyntaxUID") in (None, ""):
         return False
-    element = head[walked.pixel_data_at:walked.pixel_data_at + 12]
     explicit = walked.meta["TransferSyntaxUID"] != header_walk.IMPLICIT_LE
-    if explicit and element[4:6] in (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN"):
-        length, value_at = struct.unpack_from("<I", element, 8)[0], walked.pixel_data_at + 12
-    elif explicit:
-        length, value_at = struct.unpack_from("<H", element, 6)[0], walked.pixel_data_at + 8
-    else:
-        length, value_at = struct.unpack_from("<I", element, 4)[0], walked.pixel_data_at + 8
+    _, length, value_at = header_walk.element_header(head, walked.pixel_data_at, explicit)
     if length == 0xFFFFFFFF:
         return False  # encapsulated: its items are walked in the file
     if value_at + length > size:

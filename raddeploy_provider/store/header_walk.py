@@ -117,7 +117,7 @@ def walk(buf: bytes, whole_file: bool = False) -> Walked:
         tag = (group << 16) | element
         if tag == 0x7FE00010:
             return Walked(meta, tags, pos)
-        vr, length, value_at = _element_header(buf, pos, explicit)
+        vr, length, value_at = element_header(buf, pos, explicit)
         if not explicit:
             vr = _DICTIONARY.get(tag, ("UN", ""))[0]
         if length == _UNDEFINED:
@@ -152,7 +152,7 @@ def walk(buf: bytes, whole_file: bool = False) -> Walked:
     return Walked(meta, tags, None)
 
 
-def _element_header(buf: bytes, pos: int, explicit: bool) -> tuple[str, int, int]:
+def element_header(buf: bytes, pos: int, explicit: bool) -> tuple[str, int, int]:
     """(VR as written, or "" when implicit; value length; offset of the value) of the element at ``pos``."""
     if not explicit:
         return "", struct.unpack_from("<I", buf, pos + 4)[0], pos + 8
@@ -191,7 +191,7 @@ def _skip_item(buf: bytes, pos: int, explicit: bool) -> int:
         group, element = struct.unpack_from("<HH", buf, pos)
         if (group, element) == (0xFFFE, 0xE00D):  # item delimiter
             return pos + 8
-        vr, length, value_at = _element_header(buf, pos, explicit)
+        vr, length, value_at = element_header(buf, pos, explicit)
         if length == _UNDEFINED:
             pos = _skip_undefined(buf, value_at, explicit and vr != "UN")
         else:
