@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from dicom_factory import make_series  # noqa: E402
 from peers import StoreSCP, free_port, storescu  # noqa: E402
 
-from raddeploy_provider.embedded import EmbeddedStack  # noqa: E402
+from raddeploy.embedded import EmbeddedStack  # noqa: E402
 
 QUIET = 2.0
 FLOW = f"""

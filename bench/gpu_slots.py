@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from dicom_factory import make_series  # noqa: E402
 from peers import free_port, storescu  # noqa: E402
 
-from listener.airflow_client import AirflowClient  # noqa: E402
-from raddeploy_provider.embedded import EmbeddedStack  # noqa: E402
+from raddeploy_provider.airflow_client import AirflowClient  # noqa: E402
+from raddeploy.embedded import EmbeddedStack  # noqa: E402
 
 FLOW = """
 name: Bench GPU slots

@@ -12,7 +12,7 @@ folder and a freshly started process, and the median wall time of the push is re
              flow whose trigger matches the CT and Airflow down (the outbox keeps the trigger)
 
 The push is one DCMTK storescu association (`+sd FOLDER`); DCMTK and Orthanc run with
-TCP_NODELAY=1 (shared/notes/dicom.md). Every receiver must end up with every instance
+TCP_NODELAY=1 (Debian's DCMTK leaves Nagle on). Every receiver must end up with every instance
 (files, Orthanc's /statistics, the listener's `instances` rows), or the benchmark fails.
 Then the listener's RSS is sampled every 50 ms while it receives a ~1 GB study.
 

@@ -1,55 +1,40 @@
-"""One DICOM association, served on a blocking socket in its own thread.
+"""One DICOM association, served on a blocking socket in its own thread: the protocol.
 
 The association's negotiation is pynetdicom's (its PDU codecs and presentation-context
-negotiation); the data path is ours: P-DATA fragments of a dataset are written straight to
-a temporary file as they arrive, with the File Meta Information in front, and nothing is
-decoded but the small command set. When the last fragment is in, ``store`` decides the
-status (the study store writes, indexes and answers), and the response goes back at once.
+negotiation, through ``raddeploy_provider.dicom.dimse``); who may associate is the accept
+policy's (``listener.policy``). The data path is ours: P-DATA fragments of a dataset are
+written straight to a temporary file as they arrive, with the File Meta Information in
+front, and nothing is decoded but the small command set. When the last fragment is in,
+``store`` decides the status (the study store writes, indexes and answers), and the
+response goes back at once.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import itertools
 import logging
 import os
-import shutil
 import socket
-import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    ImplementationVersionNameNotification,
-    MaximumLengthNotification,
-)
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
-from . import dimse
+from raddeploy_provider.dicom import dimse
+from raddeploy_provider.dicom.dimse import (
+    ABORT, ABORT_PDU, ASSOCIATE_RQ, P_DATA_TF, PDU_HEAD, PDV_COMMAND, PDV_HEAD, PDV_LAST, RELEASE_RP_PDU,
+    RELEASE_RQ, Status)
+
+from .policy import DATA_DIR_HINT, AcceptPolicy
 
 log = logging.getLogger("raddeploy.listener")
 
-APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
-VERIFICATION = "1.2.840.10008.1.1"
-_PDU_HEAD = struct.Struct(">BBI")
-_PDV_HEAD = struct.Struct(">IBB")
 HEAD_BYTES = 64 * 1024  # enough for the header of nearly every image
-RELEASE_RP = b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00"
-ABORT = b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x00"  # source: service provider, reason unspecified
 #: The largest PDU we accept, and the P-DATA size we ask senders for. Bounded, so a PDU in
 #: memory stays small whatever the instance's size (a sender told "no limit" may send a whole
 #: instance as one PDU); 1 MiB PDVs already cost nothing per byte.
 MAX_PDU_LENGTH = 1 << 20
-OUT_OF_RESOURCES = 0xA700  # the C-STORE status when the instance cannot be written (disk full)
-
-# A-ASSOCIATE-RJ diagnostics (PS3.8 9.3.4) for source "service user".
-REJECT_NO_REASON = 0x01
-REJECT_CALLING_AE = 0x03
-REJECT_CALLED_AE = 0x07
 
 
 @dataclass(frozen=True)
@@ -69,50 +54,6 @@ class StoreHandler(Protocol):
     """Stores a received file (and consumes it); returns the DIMSE status to answer with."""
 
     def __call__(self, path: Path, sender: Sender, head: bytes) -> int: ...
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """An A-ASSOCIATE-RJ: result (1 permanent, 2 transient), source, diagnostic, and why (for the log)."""
-
-    result: int
-    source: int
-    diagnostic: int
-    why: str
-
-
-@dataclass
-class AcceptPolicy:
-    """Who may associate, and when. A refusal is an A-ASSOCIATE-RJ, decided before any data flows.
-
-    ``allowed_networks``: addresses or CIDR blocks (empty: any). ``min_free_disk``: bytes
-    that must stay free on the store's file system, else associations are refused as
-    "transient, local limit exceeded" so senders retry later.
-    """
-
-    ae_title: str
-    check_called_ae: bool = True
-    allowed_calling: frozenset[str] = frozenset()  # empty: any calling AE title
-    allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-    min_free_disk: int = 0
-    store_dir: Path | None = None
-    contexts: list[PresentationContext] = field(default_factory=list)
-
-    def refusal(self, called: str, calling: str, address: str) -> Refusal | None:
-        if self.allowed_networks:
-            ip = ipaddress.ip_address(address.split("%")[0])
-            if not any(ip in net for net in self.allowed_networks):
-                return Refusal(0x01, 0x01, REJECT_NO_REASON, f"address {address} is not in RADDEPLOY_ALLOWED_NETWORKS")
-        if self.check_called_ae and called != self.ae_title:
-            return Refusal(0x01, 0x01, REJECT_CALLED_AE, f"called AE title {called!r} is not {self.ae_title!r}")
-        if self.allowed_calling and calling not in self.allowed_calling:
-            return Refusal(0x01, 0x01, REJECT_CALLING_AE, f"calling AE title {calling!r} is not allowed")
-        if self.min_free_disk and self.store_dir is not None:
-            free = shutil.disk_usage(self.store_dir).free
-            if free < self.min_free_disk:
-                return Refusal(0x02, 0x03, 0x02, f"only {free // 2**20} MiB free on the store, below "
-                               f"RADDEPLOY_MIN_FREE_DISK ({self.min_free_disk // 2**20} MiB)")
-        return None
 
 
 class ProtocolError(Exception):
@@ -145,7 +86,7 @@ class Association:
         self._head = bytearray()  # the file's first HEAD_BYTES, kept so the header is parsed from memory
         self._fd: int | None = None  # the temporary file being written, unbuffered: no copy on the way
         self._file_path: Path | None = None
-        self._write_error: OSError | None = None  # writing the file failed: the answer is 0xA700
+        self._write_error: OSError | None = None  # writing the file failed: the answer is out of resources
 
     @property
     def sender(self) -> Sender:
@@ -166,7 +107,7 @@ class Association:
         return view
 
     def _read_pdu(self) -> tuple[int, memoryview]:
-        pdu_type, _, length = _PDU_HEAD.unpack(self._recv_exact(6))
+        pdu_type, _, length = PDU_HEAD.unpack(self._recv_exact(PDU_HEAD.size))
         if length > MAX_PDU_LENGTH:
             raise ProtocolError(f"PDU of {length} bytes, over the {MAX_PDU_LENGTH} negotiated")
         return pdu_type, self._recv_exact(length) if length else memoryview(b"")
@@ -175,27 +116,27 @@ class Association:
     def serve(self) -> None:
         try:
             pdu_type, body = self._read_pdu()
-            if pdu_type != 0x01:
+            if pdu_type != ASSOCIATE_RQ:
                 raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}")
-            if not self._negotiate(bytes(_PDU_HEAD.pack(pdu_type, 0, len(body))) + bytes(body)):
+            if not self._negotiate(body):
                 return
             while True:
                 pdu_type, body = self._read_pdu()
-                if pdu_type == 0x04:
+                if pdu_type == P_DATA_TF:
                     self._p_data(body)
-                elif pdu_type == 0x05:  # A-RELEASE-RQ
-                    self.sock.sendall(RELEASE_RP)
+                elif pdu_type == RELEASE_RQ:
+                    self.sock.sendall(RELEASE_RP_PDU)
                     log.info("association from %s@%s released after %d instances",
                              self.calling_ae, self.peer_host, self.stored)
                     return
-                elif pdu_type == 0x07:  # A-ABORT
+                elif pdu_type == ABORT:
                     log.warning("association from %s@%s aborted by the peer", self.calling_ae, self.peer_host)
                     return
                 else:
                     raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}")
         except (ProtocolError, ValueError) as exc:
             log.warning("association from %s@%s aborted: %s", self.calling_ae or "?", self.peer_host, exc)
-            self._send_quietly(ABORT)
+            self._send_quietly(ABORT_PDU)
         except (ConnectionError, socket.timeout, OSError) as exc:
             if not self.calling_ae:  # closed before asking for an association: a port check
                 log.debug("connection from %s closed before an association: %s", self.peer_host, exc)
@@ -215,42 +156,20 @@ class Association:
         except OSError:
             pass
 
-    def _negotiate(self, raw: bytes) -> bool:
-        rq = A_ASSOCIATE_RQ()
-        rq.decode(raw)
-        request = rq.to_primitive()
+    def _negotiate(self, body: memoryview) -> bool:
+        request = dimse.decode_associate_rq(body)
         called = request.called_ae_title.strip()
         self.calling_ae = request.calling_ae_title.strip()
-        refusal = self.policy.refusal(called, self.calling_ae, self.peer_host)
-        if refusal is None and str(request.application_context_name) != APPLICATION_CONTEXT:
-            refusal = Refusal(0x01, 0x01, REJECT_NO_REASON, "not the DICOM application context")
+        refusal = self.policy.refusal(called, self.calling_ae, self.peer_host, str(request.application_context_name))
         if refusal is not None:
-            reject = A_ASSOCIATE()
-            reject.result, reject.result_source, reject.diagnostic = refusal.result, refusal.source, refusal.diagnostic
-            rj = A_ASSOCIATE_RJ()
-            rj.from_primitive(reject)
-            self.sock.sendall(rj.encode())
+            self.sock.sendall(dimse.associate_rj(refusal.result, refusal.source, refusal.diagnostic))
             log.warning("association from %s@%s rejected: %s", self.calling_ae, self.peer_host, refusal.why)
             return False
         self.peer_max_pdu = request.maximum_length_received or 0
-        accepted, _ = negotiate_as_acceptor(request.presentation_context_definition_list, self.policy.contexts)
-        self.contexts = {cx.context_id: cx for cx in accepted if cx.result == 0x00}
-        accept = A_ASSOCIATE()
-        accept.application_context_name = APPLICATION_CONTEXT
-        accept.calling_ae_title = request.calling_ae_title
-        accept.called_ae_title = request.called_ae_title
-        accept.result, accept.result_source = 0x00, 0x01
-        accept.presentation_context_definition_results_list = accepted
-        max_length = MaximumLengthNotification()
-        max_length.maximum_length_received = MAX_PDU_LENGTH
-        impl_uid = ImplementationClassUIDNotification()
-        impl_uid.implementation_class_uid = dimse.IMPLEMENTATION_CLASS_UID
-        impl_name = ImplementationVersionNameNotification()
-        impl_name.implementation_version_name = dimse.IMPLEMENTATION_VERSION
-        accept.user_information = [max_length, impl_uid, impl_name]
-        ac = A_ASSOCIATE_AC()
-        ac.from_primitive(accept)
-        self.sock.sendall(ac.encode())
+        results, _ = negotiate_as_acceptor(request.presentation_context_definition_list, self.policy.contexts)
+        self.contexts = {cx.context_id: cx for cx in results if cx.result == dimse.ACCEPTANCE}
+        self.sock.sendall(dimse.associate_ac(request.called_ae_title, request.calling_ae_title, results,
+                                             MAX_PDU_LENGTH))
         log.info("association accepted from %s@%s (%d contexts)", self.calling_ae, self.peer_host,
                  len(self.contexts))
         return True
@@ -259,14 +178,14 @@ class Association:
     def _p_data(self, body: memoryview) -> None:
         pos, end = 0, len(body)
         while pos < end:
-            length, context_id, header = _PDV_HEAD.unpack_from(body, pos)
+            length, context_id, header = PDV_HEAD.unpack_from(body, pos)
             data = body[pos + 6:pos + 4 + length]
             pos += 4 + length
             if context_id not in self.contexts:
                 raise ProtocolError(f"data on presentation context {context_id}, which was not accepted")
-            if header & 0x01:  # command fragment
+            if header & PDV_COMMAND:
                 self._command += data
-                if header & 0x02:
+                if header & PDV_LAST:
                     self._command_complete(context_id)
             else:  # dataset fragment
                 if self._request is None:
@@ -275,7 +194,7 @@ class Association:
                     self._write(data)
                     if len(self._head) < HEAD_BYTES:
                         self._head += data[:HEAD_BYTES - len(self._head)]
-                if header & 0x02:
+                if header & PDV_LAST:
                     self._dataset_complete()
 
     def _command_complete(self, context_id: int) -> None:
@@ -283,7 +202,7 @@ class Association:
         self._command.clear()
         self._context_id = context_id
         if request.command_field == dimse.C_ECHO_RQ:
-            self._respond(request, 0x0000)
+            self._respond(request, Status.SUCCESS)
             return
         if request.command_field != dimse.C_STORE_RQ or not request.has_dataset:
             raise ProtocolError(f"unsupported DIMSE command 0x{request.command_field:04X}")
@@ -302,7 +221,7 @@ class Association:
         self._head = bytearray(meta)
 
     def _write(self, data: bytes | memoryview) -> None:
-        """Append to the file being received; on a write error (disk full) drop the file, answer 0xA700."""
+        """Append to the file being received; on a write error (disk full) drop the file, answer out of resources."""
         assert self._fd is not None
         view = memoryview(data)
         try:
@@ -319,12 +238,12 @@ class Association:
         path, request, error = self._file_path, self._request, self._write_error
         self._fd = self._file_path = self._request = self._write_error = None
         if error is not None or path is None:
-            log.error("cannot receive an instance from %s@%s: %s (check free space and permissions of the "
-                      "data dir)", self.calling_ae, self.peer_host, error)
-            self._respond(request, OUT_OF_RESOURCES)
+            log.error("cannot receive an instance from %s@%s: %s (%s)", self.calling_ae, self.peer_host, error,
+                      DATA_DIR_HINT)
+            self._respond(request, Status.OUT_OF_RESOURCES)
             return
         status = self.store(path, self.sender, bytes(self._head))
-        if status == 0:
+        if status == Status.SUCCESS:
             self.stored += 1
         self._respond(request, status)
 

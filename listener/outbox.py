@@ -13,7 +13,7 @@ import threading
 
 from raddeploy_provider.store import StudyIndex
 
-from .airflow_client import AirflowClient, AirflowUnavailable, TriggerRejected
+from raddeploy_provider.airflow_client import AirflowClient, AirflowUnavailable, TriggerRejected
 
 log = logging.getLogger("raddeploy.listener.outbox")
 

@@ -17,7 +17,10 @@ from typing import Callable
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.presentation import PresentationContext, build_context
 
-from .association import VERIFICATION, AcceptPolicy, Association, Sender, StoreHandler
+from raddeploy_provider.dicom.dimse import VERIFICATION
+
+from .association import Association, Sender, StoreHandler
+from .policy import AcceptPolicy
 from .tempfiles import TempFilePool
 
 log = logging.getLogger("raddeploy.listener")

@@ -12,16 +12,17 @@ import threading
 import time
 from pathlib import Path
 
-from raddeploy_provider.config import Settings, load_settings
+from raddeploy_provider.config import Settings, configure_logging, load_settings
+from raddeploy_provider.dicom.dimse import Status
 from raddeploy_provider.flows import matched_triggers
 from raddeploy_provider.flows.registry import FlowRegistry
 from raddeploy_provider.store import IngestResult, StudyStore
 from raddeploy_provider.store.header import InstanceHeader
 
-from .airflow_client import AirflowClient
-from .association import AcceptPolicy, Sender
+from raddeploy_provider.airflow_client import AirflowClient
+from .association import Sender
 from .outbox import OutboxDelivery
-from .scp import store_status
+from .policy import AcceptPolicy, ingest_verdict
 from .server import DicomServer, tls_context
 
 log = logging.getLogger("raddeploy.listener")
@@ -57,11 +58,19 @@ class Listener:
                                   on_association_end=lambda sender: self.store.index.association_ended(sender.association))
 
     def handle_store(self, path: Path, sender: Sender, head: bytes) -> int:
-        """A received file: into the store, runs opened, the DIMSE status for the sender."""
-        status, result = store_status(self.store, path, self.select_flows, sender, head)
-        if result is not None:
-            self.on_ingested(result)
-        return status
+        """A received file (consumed either way): into the store, runs opened, the DIMSE status for the sender."""
+        try:
+            result = self.store.ingest(path, self.select_flows, calling_ae=sender.calling_ae, peer=sender.peer,
+                                       association=sender.association, head=head)
+        except Exception as exc:
+            verdict = ingest_verdict(exc)
+            log.log(verdict.level, verdict.message, sender.calling_ae, sender.host, exc,
+                    exc_info=exc if verdict.traceback else None)
+            return verdict.status
+        finally:
+            path.unlink(missing_ok=True)
+        self.on_ingested(result)
+        return Status.SUCCESS
 
     def select_flows(self, header: InstanceHeader) -> dict[str, float]:
         """The valid flows with a trigger this instance satisfies: DAG id -> seconds after which
@@ -123,3 +132,10 @@ def serve(settings: Settings | None = None) -> None:
     finally:
         log.info("stopping")
         listener.stop()
+
+
+def main() -> int:
+    """``python -m listener`` and ``raddeploy listen``."""
+    configure_logging()
+    serve(load_settings())
+    return 0

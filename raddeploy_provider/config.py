@@ -7,9 +7,13 @@ data dir. README.md lists every variable with its default.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from raddeploy_provider.store.layout import DataDir
+from raddeploy_provider.units import parse_size
 
 PREFIX = "RADDEPLOY_"
 
@@ -30,7 +34,7 @@ class Settings:
     airflow_url: str
     airflow_user: str
     airflow_password: str
-    static_dir: Path
+    static_dir: Path | None  # None: <data>/static (DataDir.static)
     gpu_pool: str
     gpu_queue: str
     fsync: bool
@@ -47,6 +51,11 @@ class Settings:
     model_mem_limit: int
     model_pids_limit: int
 
+    @property
+    def data(self) -> DataDir:
+        """The data dir's layout (studies, runs, index, static assets, caches)."""
+        return DataDir(self.data_dir, static_override=self.static_dir)
+
 
 def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     value = _env(name, default).strip().lower()
@@ -60,8 +69,6 @@ def _list(name: str) -> tuple[str, ...]:
 
 
 def _size(name: str, default: str) -> int:
-    from raddeploy_provider.flows.loader import parse_size
-
     text = _env(name, default)
     if text.strip() == "0":
         return 0
@@ -92,7 +99,7 @@ def load_settings() -> Settings:
         airflow_url=_env("AIRFLOW_URL", "http://127.0.0.1:8080").rstrip("/"),
         airflow_user=_env("AIRFLOW_USER", "listener"),
         airflow_password=_env("AIRFLOW_PASSWORD", ""),
-        static_dir=Path(_env("STATIC", str(data_dir / "static"))).absolute(),
+        static_dir=_path("STATIC"),
         gpu_pool=_env("GPU_POOL", "raddeploy_gpu"),
         gpu_queue=_env("GPU_QUEUE", "gpu"),
         fsync=_choice("FSYNC", "never", ("always", "never")) == "always",
@@ -109,3 +116,9 @@ def load_settings() -> Settings:
         model_mem_limit=_size("MODEL_MEM_LIMIT", str(int(_host_memory() * 0.75))),
         model_pids_limit=int(_env("MODEL_PIDS_LIMIT", "4096")),
     )
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """The log format of our own processes (listener, CLI): one line per event, UIDs, no names."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -16,7 +16,7 @@ from airflow.sdk import DAG, get_parsing_context
 from raddeploy_provider.config import load_settings
 from raddeploy_provider.flows import Flow, FlowError, id_cache, load_flow, load_flows
 from raddeploy_provider.flows.graph import SENSOR_TASK, return_task_id, send_task_id, task_edges
-from raddeploy_provider.flows.loader import slug
+from raddeploy_provider.units import slug
 from raddeploy_provider.operators.dicom_send import DicomSendOperator
 from raddeploy_provider.operators.model import ModelOperator
 from raddeploy_provider.sensors.fingerprint import FingerprintSensor
@@ -99,7 +99,7 @@ def build_all(flows_dir: Path) -> dict[str, DAG]:
     task's flow is read, found through the id cache that every full parse refreshes.
     """
     wanted = get_parsing_context().dag_id
-    cache = load_settings().data_dir / "flow-ids.json"
+    cache = load_settings().data.flow_ids
     if wanted:
         path = id_cache.lookup(cache, flows_dir, wanted)
         if path is not None:

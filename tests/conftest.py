@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # tests/peers.py, tests/dicom_factory.py
-
-from peers import StoreSCP, require_tool  # noqa: E402
+from peers import StoreSCP, require_tool
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# Debian's DCMTK leaves Nagle on: 20x slower on loopback without this (shared/notes/dicom.md).
+# Debian's DCMTK leaves Nagle on: 20x slower on loopback without this (README, "The two commands").
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 

@@ -5,17 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pydicom
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/dicom_factory.py
-from dicom_factory import make_series  # noqa: E402
-
-from raddeploy_provider.cli import main  # noqa: E402
-from raddeploy_provider.flows import load_flows  # noqa: E402
+from dicom_factory import make_series
+from flow_factory import write
+from raddeploy.cli import main
+from raddeploy_provider.flows import load_flows
 
 STUDY = "1.2.826.0.1.3680043.99.7"
 OTHER_STUDY = "1.2.826.0.1.3680043.99.8"
@@ -60,12 +58,6 @@ modles: []
 """
 
 
-def write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(textwrap.dedent(text).lstrip())
-    return path
-
-
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, list[str], list[str]]:
     """Exit code, stdout lines and stderr lines of ``raddeploy ARGV``."""
     code = main(list(argv))
@@ -80,9 +72,9 @@ def sop_uid(path: Path) -> str:
 # -- validate ------------------------------------------------------------------------------
 
 def test_validate_reports_every_flow_and_exits_1_on_an_error(tmp_path: Path, capsys) -> None:
-    write(tmp_path / "flows" / "hn.yaml", HN)
-    write(tmp_path / "flows" / "more" / "diamond.yml", DIAMOND)
-    broken = write(tmp_path / "flows" / "broken.yml", BROKEN)
+    write(tmp_path / "flows", HN, "hn.yaml")
+    write(tmp_path / "flows" / "more", DIAMOND, "diamond.yml")
+    broken = write(tmp_path / "flows", BROKEN, "broken.yml")
     [error] = load_flows(broken).errors
 
     code, out, err = run(capsys, "validate", str(tmp_path / "flows"))
@@ -99,8 +91,8 @@ def test_validate_reports_every_flow_and_exits_1_on_an_error(tmp_path: Path, cap
 
 
 def test_validate_valid_files_exit_0_and_warnings_do_not_fail(tmp_path: Path, capsys) -> None:
-    hn = write(tmp_path / "hn.yaml", HN)
-    latest = write(tmp_path / "latest.yaml", HN.replace(IMAGE, "reg.local/seg:latest").replace("hn_ct_oars", "l"))
+    hn = write(tmp_path, HN, "hn.yaml")
+    latest = write(tmp_path, HN.replace(IMAGE, "reg.local/seg:latest").replace("hn_ct_oars", "l"), "latest.yaml")
     [warning] = load_flows(latest).warnings
 
     code, out, _ = run(capsys, "validate", str(hn), str(latest))
@@ -116,9 +108,9 @@ def test_validate_valid_files_exit_0_and_warnings_do_not_fail(tmp_path: Path, ca
 
 
 def test_validate_json(tmp_path: Path, capsys) -> None:
-    hn = write(tmp_path / "flows" / "hn.yaml", HN)
-    broken = write(tmp_path / "flows" / "broken.yml", BROKEN)
-    latest = write(tmp_path / "latest.yaml", HN.replace(IMAGE, "reg.local/seg").replace("hn_ct_oars", "l"))
+    hn = write(tmp_path / "flows", HN, "hn.yaml")
+    broken = write(tmp_path / "flows", BROKEN, "broken.yml")
+    latest = write(tmp_path, HN.replace(IMAGE, "reg.local/seg").replace("hn_ct_oars", "l"), "latest.yaml")
     [error], [warning] = load_flows(broken).errors, load_flows(latest).warnings
 
     code, out, _ = run(capsys, "validate", "--json", str(tmp_path / "flows"), str(latest))
@@ -148,7 +140,7 @@ def test_validate_missing_path_is_an_error_and_empty_folder_a_warning(tmp_path: 
 
 
 def test_validate_defaults_to_the_flows_folder_setting(tmp_path: Path, capsys, monkeypatch) -> None:
-    write(tmp_path / "hn.yaml", HN)
+    write(tmp_path, HN, "hn.yaml")
     monkeypatch.setenv("RADDEPLOY_FLOWS", str(tmp_path))
 
     code, out, _ = run(capsys, "validate")
@@ -158,7 +150,7 @@ def test_validate_defaults_to_the_flows_folder_setting(tmp_path: Path, capsys, m
 
 
 def test_console_script_validate_json_without_airflow(tmp_path: Path) -> None:
-    flow = write(tmp_path / "hn.yaml", HN)
+    flow = write(tmp_path, HN, "hn.yaml")
     script = Path(sys.executable).with_name("raddeploy")
 
     done = subprocess.run([str(script), "validate", "--json", str(flow)], capture_output=True, text=True,
@@ -168,7 +160,7 @@ def test_console_script_validate_json_without_airflow(tmp_path: Path) -> None:
     assert json.loads(done.stdout) == {"flows": [{"file": str(flow), "dag_id": "hn_ct_oars", "name": "HN CT OARs"}],
                                        "errors": [], "warnings": []}
     # and none of validate, match, graph imports Airflow (the listener host may not have it)
-    probe = ("import sys; from raddeploy_provider.cli import main; "
+    probe = ("import sys; from raddeploy.cli import main; "
              f"main(['validate', {str(flow)!r}]); main(['graph', {str(flow)!r}]); "
              f"main(['match', {str(flow)!r}, {str(tmp_path)!r}]); "
              "print(sorted(m for m in sys.modules if m.split('.')[0] == 'airflow'))")
@@ -179,12 +171,12 @@ def test_console_script_validate_json_without_airflow(tmp_path: Path) -> None:
 # -- match ---------------------------------------------------------------------------------
 
 def test_match_explains_each_file_and_lists_src_as_laid_out(tmp_path: Path, capsys) -> None:
-    flow = write(tmp_path / "hn.yaml", HN)
+    flow = write(tmp_path, HN, "hn.yaml")
     data = tmp_path / "dicom"
     ct = make_series(data / "ct", modality="CT", slices=2, size=8, study_uid=STUDY, description="Head Neck")
     mr = make_series(data / "mr", modality="MR", slices=1, size=8, study_uid=STUDY, description="T1 MPRAGE")
     make_series(data / "scout", modality="CT", slices=1, size=8, study_uid=STUDY, description="Head scout")
-    write(data / "notes.txt", "not DICOM")
+    write(data, "not DICOM", "notes.txt")
     src = sorted([(f"CT/{ct.series_uid}/CT_{ct.series_uid}_{sop_uid(f)}.dcm", f"ct/{f.name}") for f in ct.files]
                  + [(f"MR/{mr.series_uid}/MR_{mr.series_uid}_{sop_uid(mr.files[0])}.dcm", "mr/MR0000.dcm")])
 
@@ -228,14 +220,14 @@ def test_match_explains_each_file_and_lists_src_as_laid_out(tmp_path: Path, caps
 
 
 def test_match_unmet_trigger_and_matched_instances_only(tmp_path: Path, capsys) -> None:
-    flow = write(tmp_path / "f.yaml", f"""
+    flow = write(tmp_path, f"""
         name: Pelvis
         triggers:
           - {{Modality: CT, SeriesDescription: "~(?i)scout", ImageType: AXIAL}}
           - {{Modality: MR, BodyPartExamined: PELVIS}}
         input: {{whole_series: false}}
         models: [{{image: "{IMAGE}", inputs: {{src: /in}}, outputs: {{dst: /out}}}}]
-        """)
+        """, "f.yaml")
     ct = make_series(tmp_path / "dicom", modality="CT", slices=2, size=8, study_uid=STUDY, description="Pelvis")
     ds = pydicom.dcmread(ct.files[1])
     ds.SeriesDescription = "Pelvis scout"
@@ -270,7 +262,7 @@ def test_match_unmet_trigger_and_matched_instances_only(tmp_path: Path, capsys) 
 
 def test_match_judges_each_study_on_its_own(tmp_path: Path, capsys) -> None:
     """The CT of one study and the MR of another do not make a run: the sensor waits per study."""
-    flow = write(tmp_path / "hn.yaml", HN)
+    flow = write(tmp_path, HN, "hn.yaml")
     data = tmp_path / "dicom"
     make_series(data / "a_ct", modality="CT", slices=1, size=8, study_uid=STUDY, description="Neck")
     make_series(data / "b_mr", modality="MR", slices=1, size=8, study_uid=OTHER_STUDY, description="T1")
@@ -299,11 +291,11 @@ def test_match_judges_each_study_on_its_own(tmp_path: Path, capsys) -> None:
 
 
 def test_match_one_file_and_copies_of_one_instance(tmp_path: Path, capsys) -> None:
-    flow = write(tmp_path / "f.yaml", f"""
+    flow = write(tmp_path, f"""
         name: CT
         triggers: [{{Modality: CT}}]
         models: [{{image: "{IMAGE}", inputs: {{src: /in}}, outputs: {{dst: /out}}}}]
-        """)
+        """, "f.yaml")
     ct = make_series(tmp_path / "dicom", modality="CT", slices=1, size=8, study_uid=STUDY)
     copy = tmp_path / "dicom" / "copy.dcm"
     copy.write_bytes(ct.files[0].read_bytes())
@@ -322,8 +314,8 @@ def test_match_one_file_and_copies_of_one_instance(tmp_path: Path, capsys) -> No
 
 
 def test_match_nothing_readable(tmp_path: Path, capsys) -> None:
-    flow = write(tmp_path / "hn.yaml", HN)
-    write(tmp_path / "dicom" / "a.dcm", "")
+    flow = write(tmp_path, HN, "hn.yaml")
+    write(tmp_path / "dicom", "", "a.dcm")
 
     code, out, _ = run(capsys, "match", str(flow), str(tmp_path / "dicom"))
 
@@ -333,9 +325,9 @@ def test_match_nothing_readable(tmp_path: Path, capsys) -> None:
 
 
 def test_match_exit_2_when_the_flow_or_the_folder_is_not_there(tmp_path: Path, capsys) -> None:
-    broken = write(tmp_path / "broken.yml", BROKEN)
+    broken = write(tmp_path, BROKEN, "broken.yml")
     [error] = load_flows(broken).errors
-    hn = write(tmp_path / "hn.yaml", HN)
+    hn = write(tmp_path, HN, "hn.yaml")
 
     assert run(capsys, "match", str(broken), str(tmp_path)) == (2, [], [f"error: {error}"])
     assert run(capsys, "match", str(tmp_path / "none.yaml"), str(tmp_path)) == (2, [], [
@@ -349,7 +341,7 @@ def test_match_exit_2_when_the_flow_or_the_folder_is_not_there(tmp_path: Path, c
 # -- graph ---------------------------------------------------------------------------------
 
 def test_graph_of_a_diamond(tmp_path: Path, capsys) -> None:
-    flow = write(tmp_path / "diamond.yaml", DIAMOND)
+    flow = write(tmp_path, DIAMOND, "diamond.yaml")
 
     code, out, err = run(capsys, "graph", str(flow))
 
@@ -405,12 +397,12 @@ def test_graph_of_a_diamond(tmp_path: Path, capsys) -> None:
 
 
 def test_graph_says_when_results_go_nowhere(tmp_path: Path, capsys) -> None:
-    flow = write(tmp_path / "f.yaml", f"""
+    flow = write(tmp_path, f"""
         name: Nowhere
         triggers: [{{Modality: CT}}]
         models: [{{name: seg, image: "{IMAGE}", inputs: {{src: /in}}, outputs: {{dst: /out}},
                    static_mounts: {{weights: /model}}}}]
-        """)
+        """, "f.yaml")
 
     code, out, _ = run(capsys, "graph", str(flow))
 
@@ -430,7 +422,7 @@ def test_graph_says_when_results_go_nowhere(tmp_path: Path, capsys) -> None:
 
 
 def test_graph_of_a_broken_flow_exits_2(tmp_path: Path, capsys) -> None:
-    broken = write(tmp_path / "broken.yml", BROKEN)
+    broken = write(tmp_path, BROKEN, "broken.yml")
     [error] = load_flows(broken).errors
 
     assert run(capsys, "graph", str(broken)) == (2, [], [f"error: {error}"])

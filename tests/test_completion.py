@@ -8,7 +8,7 @@ import pytest
 
 from raddeploy_provider.completion import SENDING_STALE_AFTER, readiness
 from raddeploy_provider.flows import load_flow
-from raddeploy_provider.store import StoredInstance, StudyIndex
+from raddeploy_provider.store import NEVER, StoredInstance, StudyIndex
 
 STUDY = "1.2.840.99"
 FLOW = """
@@ -49,13 +49,13 @@ def test_nothing_received(flow, index):
 
 
 def test_waits_for_the_missing_trigger_then_the_quiet_period(flow, index):
-    index.add(inst(1, "CT", at=1000.0), ["two_modalities"], association="a1")
+    index.add(inst(1, "CT", at=1000.0), {"two_modalities": NEVER}, association="a1")
     index.association_ended("a1")
     state = readiness(flow, index, STUDY, now=1030.0)
     assert not state.ready and state.unmet == (1,)
     assert state.waiting_for == "trigger 2: Modality=MR, SeriesDescription=(?i)t1 - not received yet"
 
-    index.add(inst(2, "MR", at=1031.0, description="T1 MPRAGE"), ["two_modalities"], association="a2")
+    index.add(inst(2, "MR", at=1031.0, description="T1 MPRAGE"), {"two_modalities": NEVER}, association="a2")
     state = readiness(flow, index, STUDY, now=1035.0)
     assert not state.ready and state.unmet == () and state.sending == 1
     assert state.waiting_for == "1 association still sending the study; quiet for 4.0 s of 10 s"
@@ -71,15 +71,15 @@ def test_waits_for_the_missing_trigger_then_the_quiet_period(flow, index):
 
 
 def test_a_sender_that_went_silent_long_ago_does_not_block(flow, index):
-    index.add(inst(1, "CT", at=1000.0), ["f"], association="dead")
-    index.add(inst(2, "MR", at=1000.0, description="t1"), ["f"], association="dead")
+    index.add(inst(1, "CT", at=1000.0), {"f": NEVER}, association="dead")
+    index.add(inst(2, "MR", at=1000.0, description="t1"), {"f": NEVER}, association="dead")
     assert readiness(flow, index, STUDY, now=1000.0 + 20).sending == 1
     later = readiness(flow, index, STUDY, now=1000.0 + SENDING_STALE_AFTER + 1)
     assert later.sending == 0 and later.ready
 
 
 def test_listener_restart_forgets_old_associations(flow, index):
-    index.add(inst(1, "CT", at=1000.0), ["f"], association="old")
+    index.add(inst(1, "CT", at=1000.0), {"f": NEVER}, association="old")
     index.clear_receiving()
     assert readiness(flow, index, STUDY, now=1001.0).sending == 0
 

@@ -9,7 +9,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_every_setting_is_in_the_readme() -> None:
-    code = "\n".join(p.read_text() for p in (REPO / "raddeploy_provider").rglob("*.py"))
+    code = "\n".join(p.read_text() for top in ("raddeploy_provider", "listener", "raddeploy")
+                     for p in (REPO / top).rglob("*.py"))
     read = set(re.findall(r'_(?:env|choice|list|size|path)\(\s*"([A-Z_]+)"', code))
     read |= set(re.findall(r'"RADDEPLOY_([A-Z_]+)"', code))
     readme = (REPO / "README.md").read_text()

@@ -1,6 +1,6 @@
 """Trigger matching: pure functions over instance headers (keyword -> text value(s)).
 
-Semantics (``../shared/design/flow-format.md``): a pattern is an unanchored ``re.search``;
+Semantics (docs/flows.md, "Matching rules"): a pattern is an unanchored ``re.search``;
 ``~`` patterns must not match; a multi-valued tag matches when any value does (an exclusion
 excludes when any value matches); a keyword the instance lacks fails every positive pattern
 and no exclusion. All conditions of a trigger hold for one instance; every trigger of a

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raddeploy_provider.store.layout import SOURCE_MOUNT  # noqa: F401  (the matched DICOM's mount, re-exported)
+
 from .errors import FlowWarning
 
 
@@ -114,10 +116,6 @@ class Destination:
         if self.connection:
             return f"connection {self.connection}"
         return f"{self.ae_title}@{self.host}:{self.port}"
-
-
-#: The mount name that holds the instances the triggers matched.
-SOURCE_MOUNT = "src"
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from raddeploy_provider.store.layout import RunDir
+
 
 @dataclass(frozen=True)
 class Key:
@@ -83,7 +85,8 @@ MODEL = (
     Key("entrypoint", "command", "Overrides the image's entrypoint.", "the image's", '["/bin/sh", "-c"]'),
     Key("environment", "str_map", "Environment variables; the values become text.", "{}", '{THREADS: "4"}'),
     Key("inputs", "mounts", "Mount name -> path in the container, mounted read-only. `src` is the matched "
-        "DICOM; any other name is another model's output. `input`, `config` and `sent` are reserved.",
+        "DICOM; any other name is another model's output. The run folder's own names are reserved: "
+        + ", ".join(f"`{name}`" for name in sorted(RunDir.RESERVED - {".", ".."})) + ".",
         "{}", "{src: /input}"),
     Key("outputs", "mounts", "Mount name -> path in the container; each starts empty and must hold a file "
         "when the model ends. `dst` and every `dst*` output is sent to the destinations.", "{}",

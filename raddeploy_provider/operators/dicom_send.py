@@ -6,22 +6,21 @@ import json
 from functools import cached_property
 from typing import Any, Sequence
 
-from airflow.sdk import BaseOperator
+from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowException
 
-from raddeploy_provider.config import load_settings
 from raddeploy_provider.dicom.scu import SendError, dicom_files
 from raddeploy_provider.hooks.dicom import DicomHook
-from raddeploy_provider.store import DataDir, StudyIndex
-
-from .run_folder import mount_dir, run_dir
+from raddeploy_provider.store import RunDir, manifest
+from raddeploy_provider.utils.runs import run_dir
 
 
 class DicomSendOperator(BaseOperator):
     """Send every file of the named outputs of this run to a DICOM node.
 
     Files the node already accepted in an earlier try are not sent again, so a retry after a
-    partial failure sends only what is missing.
+    partial failure sends only what is missing. Reads its run folder only: the outputs, the
+    ledger of what was accepted, and (to return results) the sender the manifest records.
 
     :param sources: output mount names whose files are sent (the flow's ``dst*`` outputs).
     :param dicom_conn_id: an Airflow connection of type ``dicom``; or give the node directly:
@@ -53,23 +52,23 @@ class DicomSendOperator(BaseOperator):
         return DicomHook(dicom_conn_id=self.dicom_conn_id, host=self.host, port=self.port,
                          ae_title=self.ae_title, calling_ae_title=self.calling_ae_title)
 
-    def _resolve_sender(self, context: Any) -> None:
+    def _resolve_sender(self, run: RunDir) -> None:
         """Point this task at the node the study came from (its calling AE, its address)."""
-        study_uid = (context["dag_run"].conf or {}).get("study_uid", "")
-        instances = StudyIndex(DataDir(load_settings().data_dir).index).instances(study_uid)
-        senders = [(i.calling_ae, i.peer.rpartition(":")[0]) for i in instances if i.calling_ae and i.peer]
-        if not senders:
-            raise AirflowException(f"no sender is recorded for study {study_uid}: nothing to return results to")
-        self.ae_title, self.host = senders[-1]
+        sender = manifest.run_part(run).get("sender")
+        if not sender:
+            raise AirflowException(f"no sender is recorded for run {run.run_id} (manifest.json): nothing to "
+                                   "return results to")
+        self.ae_title, self.host = sender["calling_ae"], sender["host"]
         self.port = self.return_to_sender_port
 
-    def execute(self, context: Any) -> dict[str, Any]:
+    def execute(self, context: Context) -> dict[str, Any]:
+        run = run_dir(context)
         if self.return_to_sender_port:
-            self._resolve_sender(context)
-        files = dicom_files([mount_dir(context, name) for name in self.sources])
+            self._resolve_sender(run)
+        files = dicom_files([run.mount(name) for name in self.sources])
         if not files:
             raise AirflowException(f"nothing to send: outputs {', '.join(self.sources)} are empty")
-        ledger = run_dir(context) / "sent" / f"{self.task_id}.json"
+        ledger = run.sent_ledger(self.task_id)
         done = set(json.loads(ledger.read_text())) if ledger.exists() else set()
         todo = [p for p in files if str(p) not in done]
         self.log.info("sending %d files (%d already accepted earlier) to %s", len(todo), len(done),

@@ -11,23 +11,21 @@ from typing import Any, Sequence
 import yaml
 from airflow.providers.docker.exceptions import DockerContainerFailedException
 from airflow.providers.docker.operators.docker import DockerOperator
+from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from docker.errors import APIError, DockerException
 from docker.types import DeviceRequest, Mount
 
+from raddeploy_provider import gpu
 from raddeploy_provider.config import Settings, load_settings
+from raddeploy_provider.exceptions import ModelFailed
 from raddeploy_provider.flows.model import ModelSpec
-from raddeploy_provider.gpu_lease import GpuLease
-from raddeploy_provider.gpus import host_gpu_ids
-from raddeploy_provider.store import manifest
-
-from .run_folder import mount_dir, run_dir
+from raddeploy_provider.store import RunDir, manifest
+from raddeploy_provider.utils.runs import run_dir
 
 LOG_TAIL_LINES = 20
-GPU_LABEL = "org.raddeploy.gpus"
-GPU_SCOPE_LABEL = "org.raddeploy.gpu-locks"  # the lock folder the lease came from
+#: Container label: ``<flow>/<run>/<task>`` of the run a model container belongs to.
 RUN_LABEL = "org.raddeploy.run"
-DEFAULT_GPU_SHM = 2 * 1024**3  # PyTorch data loaders need more than Docker's 64 MiB
 
 
 class _HostConfigExtras:
@@ -57,9 +55,9 @@ class ModelOperator(DockerOperator):
     ``config_path``. Safe defaults: no network (unless the flow asks), no new privileges,
     every capability dropped, a memory and a pids limit, the image's own user. A model with
     ``gpu: N`` leases N device ids of this host for as long as it runs (see
-    :mod:`raddeploy_provider.gpu_lease`). Failures say why: exit code, out of memory,
-    timeout, image not found, with the last lines of the container's log. Each run is
-    recorded in the run manifest.
+    :mod:`raddeploy_provider.gpu`). Failures say why: a :class:`ModelFailed` with the exit
+    code, out of memory, and the last lines of the container's log; timeout, image not found.
+    Each run is recorded in the run manifest.
 
     :param model: the flow's model (image, command, mounts, limits, ...).
     :param flow_id: the flow's DAG id, given to the container as ``RADDEPLOY_FLOW``.
@@ -77,7 +75,7 @@ class ModelOperator(DockerOperator):
         kwargs.setdefault("mount_tmp_dir", False)
         command = list(model.command) if isinstance(model.command, tuple) else model.command
         entrypoint = list(model.entrypoint) if isinstance(model.entrypoint, tuple) else model.entrypoint
-        shm_size = model.shm_size or (DEFAULT_GPU_SHM if model.gpu else None)
+        shm_size = model.shm_size or (gpu.DEFAULT_GPU_SHM if model.gpu else None)
         super().__init__(
             image=model.image, command=command, entrypoint=entrypoint, environment=dict(model.environment),
             network_mode=model.network, mem_limit=model.mem_limit, shm_size=shm_size, user=model.user,
@@ -95,22 +93,22 @@ class ModelOperator(DockerOperator):
         return _HostConfigExtras(self.hook.api_client, self._host_extras)
 
     # -- preparing ---------------------------------------------------------------------------
-    def _prepare_mounts(self, context: Any) -> list[Mount]:
+    def _prepare_mounts(self, run: RunDir, settings: Settings) -> list[Mount]:
         mounts = []
         for name, target in self.model.inputs.items():
-            source = mount_dir(context, name)
+            source = run.mount(name)
             if not source.is_dir():
                 raise AirflowException(f"input {name!r} has no folder at {source}: did the task that "
                                        "writes it succeed? Clear that task to run it again.")
             mounts.append(Mount(target=target, source=str(source), type="bind", read_only=True))
         for name, target in self.model.outputs.items():
-            folder = mount_dir(context, name)
+            folder = run.mount(name)
             if folder.exists():  # a retry starts from an empty output, never a half-written one
                 shutil.rmtree(folder)
             folder.mkdir(parents=True)
             folder.chmod(0o777)  # whatever user the image runs as can write its results
             mounts.append(Mount(target=target, source=str(folder), type="bind", read_only=False))
-        static_dir = load_settings().static_dir
+        static_dir = settings.data.static
         for name, target in self.model.static_mounts.items():
             source = static_dir / name
             if not source.is_dir():
@@ -118,9 +116,8 @@ class ModelOperator(DockerOperator):
                                            "asset there (RADDEPLOY_STATIC) or fix static_mounts in the flow.")
             mounts.append(Mount(target=target, source=str(source), type="bind", read_only=True))
         if self.model.config is not None:
-            config_dir = run_dir(context) / "config" / self.task_id
-            config_dir.mkdir(parents=True, exist_ok=True)
-            config_file = config_dir / "config.yaml"
+            config_file = run.config_file(self.task_id)
+            config_file.parent.mkdir(parents=True, exist_ok=True)
             config_file.write_text(yaml.safe_dump(self.model.config, sort_keys=False))
             config_file.chmod(0o644)
             mounts.append(Mount(target=self.model.config_path, source=str(config_file), type="bind",
@@ -138,29 +135,29 @@ class ModelOperator(DockerOperator):
             self.mem_limit = settings.model_mem_limit
 
     def _use_gpus(self, ids: list[str], settings: Settings) -> None:
-        self.labels = {**(self.labels or {}), GPU_LABEL: ",".join(ids), GPU_SCOPE_LABEL: str(settings.gpu_lock_dir)}
-        if settings.gpu_mode == "env":  # the host's default runtime is NVIDIA's
-            self.environment = {**self.environment, "NVIDIA_VISIBLE_DEVICES": ",".join(ids)}
-        else:
-            self.device_requests = [DeviceRequest(device_ids=ids, capabilities=[["gpu"]])]
-        self._remove_orphans(ids, str(settings.gpu_lock_dir))
+        given = gpu.container_gpus(ids, settings.gpu_mode, settings.gpu_lock_dir)
+        self.labels = {**(self.labels or {}), **given.labels}
+        self.environment = {**self.environment, **given.environment}
+        if given.device_ids:
+            self.device_requests = [DeviceRequest(device_ids=given.device_ids, capabilities=[["gpu"]])]
+        self._remove_orphans(ids, settings)
 
-    def _remove_orphans(self, ids: list[str], scope: str) -> None:
+    def _remove_orphans(self, ids: list[str], settings: Settings) -> None:
         """Containers still on our GPUs belong to a task that died (we hold the lease): stop them."""
-        for container in self.hook.api_client.containers(filters={"label": f"{GPU_SCOPE_LABEL}={scope}"}):
-            theirs = set(container["Labels"].get(GPU_LABEL, "").split(","))
-            if theirs & set(ids):
-                self.log.warning("removing container %s left on GPU %s by a task that died",
-                                 container["Id"][:12], ",".join(sorted(theirs & set(ids))))
-                try:
-                    self.hook.api_client.remove_container(container["Id"], force=True)
-                except APIError as exc:
-                    self.log.warning("could not remove it: %s", exc)
+        listed = self.hook.api_client.containers(filters=gpu.scope_filter(settings.gpu_lock_dir))
+        for container_id, shared in gpu.orphans(listed, ids):
+            self.log.warning("removing container %s left on GPU %s by a task that died",
+                             container_id[:12], ",".join(shared))
+            try:
+                self.hook.api_client.remove_container(container_id, force=True)
+            except APIError as exc:
+                self.log.warning("could not remove it: %s", exc)
 
     # -- running -----------------------------------------------------------------------------
-    def execute(self, context: Any) -> dict[str, Any]:
+    def execute(self, context: Context) -> dict[str, Any]:
         settings = load_settings()
-        self.mounts = self._prepare_mounts(context)
+        run = run_dir(context)
+        self.mounts = self._prepare_mounts(run, settings)
         self._safe_defaults(settings)
         self.environment = {**self.environment, "RADDEPLOY_RUN_ID": context["run_id"], "RADDEPLOY_FLOW": self.flow_id,
                             "RADDEPLOY_FLOW_VERSION": self.flow_version, "CONTAINER_TAG": self.image}
@@ -172,13 +169,12 @@ class ModelOperator(DockerOperator):
         if self.model.pull == "never" and not self.hook.api_client.images(name=self.image):
             raise AirflowFailException(f"image {self.image} is not on this host and the flow says `pull: never`: "
                                        "load or build it on every worker first")
-        devices = host_gpu_ids()
-        if self.model.gpu > len(devices):
-            raise AirflowFailException(
-                f"model {self.task_id} needs {self.model.gpu} GPU(s); this host has {len(devices)} "
-                f"({', '.join(devices) or 'none'}). Set RADDEPLOY_GPUS, or route the flow to a GPU host's queue.")
-        lease = GpuLease(devices, self.model.gpu, settings.gpu_lock_dir, settings.gpu_lease_timeout,
-                         on_wait=self.log.info)
+        try:
+            devices = gpu.host_gpu_ids() if self.model.gpu else []  # no nvidia-smi probe for CPU models
+            lease = gpu.GpuLease(devices, self.model.gpu, settings.gpu_lock_dir,
+                                 settings.gpu_lease_timeout, on_wait=self.log.info)
+        except gpu.NotEnoughGpus as exc:  # no retry: more GPUs will not appear
+            raise AirflowFailException(f"model {self.task_id}: {exc}") from None
         try:
             with lease as ids:
                 record["started"] = _now()
@@ -189,12 +185,11 @@ class ModelOperator(DockerOperator):
                 self._run(context, record)
         finally:
             record["ended"] = _now()
-            manifest.record(run_dir(context), self.task_id, record)
-        written = {name: sorted(str(p.relative_to(mount_dir(context, name)))
-                                for p in mount_dir(context, name).rglob("*") if p.is_file())
+            manifest.record(run, self.task_id, record)
+        written = {name: sorted(str(p.relative_to(run.mount(name))) for p in run.mount(name).rglob("*") if p.is_file())
                    for name in self.model.outputs}
         record["outputs"] = written
-        manifest.record(run_dir(context), self.task_id, record)
+        manifest.record(run, self.task_id, record)
         empty = [name for name, files in written.items() if not files]
         if empty:
             raise AirflowException(f"model {self.task_id} wrote nothing to output(s) {', '.join(empty)} "
@@ -203,14 +198,16 @@ class ModelOperator(DockerOperator):
         self.log.info("outputs written: %s", counts)
         return {"outputs": counts, "gpus": record["gpus"]}
 
-    def _run(self, context: Any, record: dict[str, Any]) -> None:
+    def _run(self, context: Context, record: dict[str, Any]) -> None:
         """Run the container; on any end (success, failure, timeout, kill) inspect and remove it."""
         try:
             super().execute(context)
         except DockerContainerFailedException as exc:
             state = self._state()
             record.update(state)
-            raise AirflowException(self._failure(state, exc.logs)) from None
+            tail = list(exc.logs[-LOG_TAIL_LINES:]) if isinstance(exc.logs, list) else []
+            raise ModelFailed(self.task_id, self.image, state.get("exit_code"), bool(state.get("oom_killed")),
+                              self.mem_limit, tail) from None
         except (APIError, DockerException) as exc:
             if "could not select device driver" in str(exc):
                 raise AirflowFailException(
@@ -239,16 +236,6 @@ class ModelOperator(DockerOperator):
             pass
         return {"exit_code": state.get("ExitCode"), "oom_killed": bool(state.get("OOMKilled")),
                 "image_id": image_id, "image_digests": digests}
-
-    def _failure(self, state: dict[str, Any], logs: Any) -> str:
-        tail = "\n".join(logs[-LOG_TAIL_LINES:]) if isinstance(logs, list) else ""
-        code = state.get("exit_code")
-        if state.get("oom_killed"):
-            limit = f"{self.mem_limit // 2**20} MiB" if isinstance(self.mem_limit, int) else str(self.mem_limit)
-            reason = f"was killed for running out of memory (limit {limit}); raise mem_limit in the flow"
-        else:
-            reason = f"exited with code {code}"
-        return f"model {self.task_id} ({self.image}) {reason}\nlast log lines:\n{tail}"
 
     def _remove(self) -> None:
         if self.container is None:

@@ -7,17 +7,17 @@ from datetime import timedelta
 from functools import cached_property
 from typing import Any
 
-from airflow.sdk import BaseSensorOperator
+from airflow.sdk import BaseSensorOperator, Context
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
 from raddeploy_provider.completion import readiness
 from raddeploy_provider.config import load_settings
 from raddeploy_provider.flows import Flow
 from raddeploy_provider.flows.matching import select_inputs
-from raddeploy_provider.operators.run_folder import run_dir
-from raddeploy_provider.run_note import set_run_note
-from raddeploy_provider.store import StudyStore, manifest, snapshot
+from raddeploy_provider.store import StoredInstance, StudyStore, manifest, snapshot
 from raddeploy_provider.triggers.study_ready import StudyReadyTrigger
+from raddeploy_provider.utils.run_note import set_run_note
+from raddeploy_provider.utils.runs import run_dir, study_uid
 
 
 #: Seconds of quiet period left that the sensor waits out on the worker instead of deferring.
@@ -30,8 +30,10 @@ class FingerprintSensor(BaseSensorOperator):
 
     It checks once on a worker, then defers to :class:`StudyReadyTrigger` on the triggerer
     (no worker slot held while a study trickles in). When ready it closes the run in the
-    index (later instances open the next generation) and hard-links the matched instances
-    into the run's ``input/`` folder, laid out as the flow says. At ``grouping.timeout`` it
+    index (later instances open the next generation), hard-links the matched instances
+    into the run's ``input/`` folder, laid out as the flow says, and records the run in its
+    manifest: flow, input UIDs and the study's sender (calling AE, address), so the tasks
+    after it need their run folder alone, never the index. At ``grouping.timeout`` it
     follows ``grouping.on_timeout``: ``skip``, ``fail``, or ``proceed`` with what matched.
     Returns a small summary (counts and UIDs, no patient data).
 
@@ -51,42 +53,35 @@ class FingerprintSensor(BaseSensorOperator):
         """Opened once per task run, on the worker (never at DAG parse)."""
         return StudyStore(load_settings().data_dir)
 
-    def _study_uid(self, context: Any) -> str:
-        study_uid = (context["dag_run"].conf or {}).get("study_uid")
-        if not study_uid:
-            raise AirflowFailException("this run has no study_uid in its conf: flows are started by the "
-                                       "listener; to start one by hand, trigger with {\"study_uid\": \"...\"}")
-        return study_uid
-
-    def execute(self, context: Any) -> dict[str, Any]:
-        study_uid = self._study_uid(context)
+    def execute(self, context: Context) -> dict[str, Any]:
+        uid = study_uid(context)
         settings = load_settings()
         index = self.store.index
-        state = readiness(self.flow, index, study_uid)
+        state = readiness(self.flow, index, uid)
         # Only the quiet period left, and little of it: wait here. Deferring costs a round
         # trip through the triggerer and the scheduler (seconds) to save a worker a moment.
         while not state.ready and state.only_quiet_left and state.quiet_left <= SHORT_WAIT:
             time.sleep(state.quiet_left + 0.05)
-            state = readiness(self.flow, index, study_uid)
+            state = readiness(self.flow, index, uid)
         if state.ready:
-            return self._take_input(context, study_uid)
+            return self._take_input(context, uid)
         self.log.info("waiting: %s", state.waiting_for)
         set_run_note(self.flow.dag_id, context["run_id"], f"Waiting: {state.waiting_for}")
         self.defer(
             trigger=StudyReadyTrigger(
                 flow_file=str(self.flow.source), dag_id=self.flow.dag_id, run_id=context["run_id"],
-                study_uid=study_uid, data_dir=str(settings.data_dir),
+                study_uid=uid, data_dir=str(settings.data_dir),
                 deadline=time.time() + self.flow.grouping.timeout, poll_interval=self.poke_interval,
             ),
             method_name="execute_complete",
             timeout=timedelta(seconds=self.flow.grouping.timeout + 300),
         )
 
-    def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
-        study_uid = self._study_uid(context)
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
+        uid = study_uid(context)
         status = event.get("status")
         if status == "ready":
-            return self._take_input(context, study_uid)
+            return self._take_input(context, uid)
         if status == "error":
             raise AirflowFailException(event.get("message", "the study could not be checked"))
         waited = f"{self.flow.grouping.timeout:g} s"
@@ -94,31 +89,41 @@ class FingerprintSensor(BaseSensorOperator):
         policy = self.flow.grouping.on_timeout
         if policy == "proceed" and len(event.get("unmet", [])) < len(self.flow.triggers):
             self.log.warning("%s; proceeding with the triggers that matched", message)
-            return self._take_input(context, study_uid)
+            return self._take_input(context, uid)
         # Close the run all the same, so that later instances open a new generation.
-        self.store.index.close_run(self.flow.dag_id, context["run_id"], study_uid)
+        self.store.index.close_run(self.flow.dag_id, context["run_id"], uid)
         set_run_note(self.flow.dag_id, context["run_id"], f"Timed out ({policy}): {message}")
         if policy == "fail":
             raise AirflowFailException(message)
         raise AirflowSkipException(message)
 
-    def _take_input(self, context: Any, study_uid: str) -> dict[str, Any]:
+    def _take_input(self, context: Context, uid: str) -> dict[str, Any]:
         store = self.store
-        instances = store.index.close_run(self.flow.dag_id, context["run_id"], study_uid)
+        instances = store.index.close_run(self.flow.dag_id, context["run_id"], uid)
         chosen = [instances[i] for i in select_inputs(self.flow, [(x.series_uid, x.tags) for x in instances])]
         if not chosen:
-            raise AirflowException(f"study {study_uid} has no instance any trigger matches")
-        folder = run_dir(context)
-        made = snapshot(chosen, store.layout.root, folder / "input", self.flow.input.layout)
+            raise AirflowException(f"study {uid} has no instance any trigger matches")
+        run = run_dir(context)
+        made = snapshot(chosen, store.layout.root, run.input, self.flow.input.layout)
         series = sorted({x.series_uid for x in chosen})
-        manifest.record(folder, "run", {
+        manifest.record(run, manifest.RUN_PART, {
             "flow": {"dag_id": self.flow.dag_id, "name": self.flow.name, "version": self.flow.version,
                      "file": str(self.flow.source), "sha256": self.flow.file_hash},
-            "study_uid": study_uid, "input": {"series": series, "sop_instance_uids": sorted(x.sop_uid for x in chosen)},
+            "study_uid": uid, "input": {"series": series, "sop_instance_uids": sorted(x.sop_uid for x in chosen)},
+            "sender": _sender(chosen),
         })
-        summary = {"study_uid": study_uid, "instances": len(made), "series": series}
+        summary = {"study_uid": uid, "instances": len(made), "series": series}
         self.log.info("input ready: %d instances of %d series", len(made), len(series))
         set_run_note(self.flow.dag_id, context["run_id"],
                      f"Flow {' '.join(filter(None, (self.flow.name, self.flow.version)))}: "
                      f"input {len(made)} instances, {len(series)} series")
         return summary
+
+
+def _sender(instances: list[StoredInstance]) -> dict[str, str] | None:
+    """Who sent the input (the last sender, if several): calling AE title and address, no names."""
+    known = [x for x in instances if x.calling_ae and x.peer]
+    if not known:
+        return None
+    last = max(known, key=lambda x: x.received_at)
+    return {"calling_ae": last.calling_ae, "host": last.peer_host}

@@ -5,12 +5,12 @@ No Airflow import here: the listener and the sensor share it.
 
 from .errors import InvalidUID, StoreError
 from .header import InstanceHeader, read_header
-from .index import RunRef, StoredInstance, StudyIndex, run_id_for
-from .layout import DataDir
+from .index import NEVER, RunRef, StoredInstance, StudyIndex, run_id_for
+from .layout import SOURCE_MOUNT, DataDir, RunDir
 from .snapshot import snapshot
 from .study_store import IngestResult, StudyStore
 
 __all__ = [
-    "InvalidUID", "StoreError", "InstanceHeader", "read_header", "RunRef", "StoredInstance",
-    "StudyIndex", "run_id_for", "DataDir", "snapshot", "IngestResult", "StudyStore",
+    "InvalidUID", "StoreError", "InstanceHeader", "read_header", "NEVER", "RunRef", "StoredInstance",
+    "StudyIndex", "run_id_for", "SOURCE_MOUNT", "DataDir", "RunDir", "snapshot", "IngestResult", "StudyStore",
 ]

@@ -4,8 +4,8 @@ One database so that "index this instance" and "open a run for it" commit in the
 transaction: the listener can crash at any point and either both happened or neither did.
 The fingerprint sensor closes a run in a transaction of its own before it reads the study,
 so every instance lands in the run being closed or opens the next generation (the
-invariant of the design doc). Connections are per thread: pynetdicom serves each
-association in its own thread.
+invariant in docs/architecture.md). Connections are per thread: the listener serves each
+association in a thread of its own, and a sensor or trigger may check from several.
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT NOT NULL,
     study_uid TEXT NOT NULL,
     generation INTEGER NOT NULL,
-    state TEXT NOT NULL,           -- open: collecting; closing: snapshot taken; closed
+    state TEXT NOT NULL,           -- open: collecting; closing: its sensor took the input (later
+                                   -- instances open the next generation); abandoned: left open past
+                                   -- its flow's timeout, replaced by the next generation
     opened_at REAL NOT NULL,
     closed_at REAL,
     PRIMARY KEY (dag_id, run_id)
@@ -83,7 +85,12 @@ class StoredInstance:
     received_at: float
     tags: dict[str, Any] = field(default_factory=dict)
     calling_ae: str = ""
-    peer: str = ""
+    peer: str = ""  # "<address>:<port>" of the association that sent it
+
+    @property
+    def peer_host(self) -> str:
+        """The sender's address, without the (ephemeral) port."""
+        return self.peer.rpartition(":")[0]
 
 
 @dataclass(frozen=True)
@@ -117,6 +124,10 @@ class OutboxItem:
     run_id: str
     conf: dict[str, Any]
     attempts: int
+
+
+#: ``abandon_after`` for a flow whose open runs are never taken as abandoned.
+NEVER = math.inf
 
 
 def run_id_for(study_uid: str, generation: int) -> str:
@@ -163,20 +174,20 @@ class StudyIndex:
             self._local.db = None
 
     # -- instances ---------------------------------------------------------------------
-    def add(self, inst: StoredInstance, dag_ids: Sequence[str] | Mapping[str, float],
-            association: str = "", place: Callable[[], None] | None = None) -> AddResult:
-        """Index ``inst`` and open a run for each of ``dag_ids`` that has none collecting.
+    def add(self, inst: StoredInstance, abandon_after: Mapping[str, float], association: str = "",
+            place: Callable[[], None] | None = None) -> AddResult:
+        """Index ``inst`` and open a run for each flow in ``abandon_after`` that has none collecting.
 
-        ``dag_ids`` may map each DAG id to the seconds after which a run still "open" is
-        taken as abandoned (its DAG run was deleted or failed before its sensor closed it),
-        so a study is never locked out of a flow for good. A re-sent identical instance
-        changes nothing and opens nothing, so pushing the same study twice never runs a
-        flow twice. ``association`` marks the study as still being sent until
-        :meth:`association_ended`. ``place`` (put the file where ``inst.path`` says) runs
-        inside the transaction, once the instance is known to be new: one round trip, and
-        no other writer can index the same instance in between.
+        ``abandon_after`` maps the DAG id of each flow the instance is relevant to, to the
+        seconds after which a run still "open" is taken as abandoned (its DAG run was deleted
+        or failed before its sensor closed it; :data:`NEVER` for never), so a study is never
+        locked out of a flow for good. A re-sent identical instance changes nothing and opens
+        nothing, so pushing the same study twice never runs a flow twice. ``association``
+        marks the study as still being sent until :meth:`association_ended`. ``place`` (put
+        the file where ``inst.path`` says) runs inside the transaction, once the instance is
+        known to be new: one round trip, and no other writer can index the same instance in
+        between.
         """
-        abandon_after = dict(dag_ids) if isinstance(dag_ids, Mapping) else dict.fromkeys(dag_ids, math.inf)
         with self._tx() as db:
             row = db.execute("SELECT * FROM instances WHERE sop_uid = ?", (inst.sop_uid,)).fetchone()
             if row is not None:

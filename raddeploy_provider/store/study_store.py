@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence, Union
+from typing import Callable, Mapping
 
 from .header import InstanceHeader, read_header
 from .index import AddResult, RunRef, StoredInstance, StudyIndex
@@ -22,9 +22,10 @@ from .layout import DataDir
 
 log = logging.getLogger(__name__)
 
-#: Decides which flows an instance is relevant to (the listener passes trigger matching): DAG
-#: ids, or DAG id -> seconds after which an unclosed run counts as abandoned (see StudyIndex.add).
-FlowSelector = Callable[[InstanceHeader], Union[Sequence[str], Mapping[str, float]]]
+#: Decides which flows an instance is relevant to (the listener passes trigger matching):
+#: DAG id -> seconds after which an unclosed run counts as abandoned (``abandon_after`` of
+#: :meth:`StudyIndex.add`).
+FlowSelector = Callable[[InstanceHeader], Mapping[str, float]]
 
 
 @dataclass(frozen=True)

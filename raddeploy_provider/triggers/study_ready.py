@@ -16,7 +16,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from raddeploy_provider.completion import readiness
 from raddeploy_provider.flows import FlowError, load_flow
-from raddeploy_provider.run_note import set_run_note
+from raddeploy_provider.utils.run_note import set_run_note
 from raddeploy_provider.store import DataDir, StudyIndex
 
 #: Log a still-waiting line at least this often, even when nothing changed.

@@ -7,7 +7,6 @@ nothing runs: the assertions are on the tasks, their edges and the operators' ar
 
 from __future__ import annotations
 
-import textwrap
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,6 +16,8 @@ import yaml
 from airflow.sdk.exceptions import AirflowException
 from docker.types import Mount
 
+from flow_factory import ensemble_flow, write
+from raddeploy_provider.config import load_settings
 from raddeploy_provider.dag_factory import build_dag
 from raddeploy_provider.flows import load_flow
 from raddeploy_provider.flows.model import ModelSpec
@@ -32,9 +33,7 @@ def _default_gpu_settings(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def dag_of(tmp_path: Path, text: str, name: str = "flow.yaml"):
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
-    return build_dag(load_flow(path))
+    return build_dag(load_flow(write(tmp_path, text, name)))
 
 
 def edges(dag) -> set[tuple[str, str]]:
@@ -45,37 +44,8 @@ def tasks(dag) -> dict:
     return {task.task_id: task for task in dag.tasks}
 
 
-ENSEMBLE = """
-name: Five fold ensemble
-triggers:
-  - Modality: CT
-models:
-""" + "".join(f"""
-  - docker_kwargs:
-      image: busybox:1.36
-      command: sh -c 'touch /output/SEG_{i}'
-    input_mounts:
-      src: /input
-    output_mounts:
-      seg{i}: /output
-""" for i in range(5)) + """
-  - docker_kwargs:
-      image: busybox:1.36
-      command: sh -c 'cp /input*/* /output/'
-    input_mounts: {seg0: /input0, seg1: /input1, seg2: /input2, seg3: /input3, seg4: /input4}
-    output_mounts:
-      dst: /output
-    pull_before_exec: True
-    timeout: 1800
-destinations:
-  - host: localhost
-    port: 10001
-    ae_title: STORESCP
-"""
-
-
 def test_five_fold_ensemble(tmp_path: Path) -> None:
-    dag = dag_of(tmp_path, ENSEMBLE)
+    dag = dag_of(tmp_path, ensemble_flow())
     folds = [f"model_{i}" for i in range(5)]
     assert edges(dag) == ({("fingerprint", fold) for fold in folds}
                           | {(fold, "model_5") for fold in folds}
@@ -297,8 +267,7 @@ def folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
     monkeypatch.setenv("RADDEPLOY_DATA", str(data))
     monkeypatch.setenv("RADDEPLOY_STATIC", str(static))
     run = data / "runs" / "hn_flow" / RUN_ID
-    return SimpleNamespace(run=run, static=static,
-                           context={"dag": SimpleNamespace(dag_id="hn_flow"), "run_id": RUN_ID})
+    return SimpleNamespace(run=run, static=static, run_dir=load_settings().data.run("hn_flow", RUN_ID))
 
 
 def operator(**model: object) -> ModelOperator:
@@ -316,7 +285,7 @@ def test_prepare_mounts(folders: SimpleNamespace) -> None:
                   static_mounts={"hn_weights": "/model"}, config={"fold": "all", "folds": [0, 1]},
                   config_path="/config/settings.yaml")
 
-    mounts = op._prepare_mounts(folders.context)
+    mounts = op._prepare_mounts(folders.run_dir, load_settings())
 
     config_file = folders.run / "config" / "segment" / "config.yaml"
     assert mounts == [
@@ -334,7 +303,7 @@ def test_prepare_mounts(folders: SimpleNamespace) -> None:
 
 def test_prepare_mounts_without_config_mounts_no_config(folders: SimpleNamespace) -> None:
     (folders.run / "input").mkdir(parents=True)
-    assert operator(inputs={"src": "/input"})._prepare_mounts(folders.context) == [
+    assert operator(inputs={"src": "/input"})._prepare_mounts(folders.run_dir, load_settings()) == [
         Mount(target="/input", source=str(folders.run / "input"), type="bind", read_only=True),
     ]
     assert not (folders.run / "config").exists()
@@ -344,7 +313,7 @@ def test_missing_static_asset_is_named(folders: SimpleNamespace) -> None:
     (folders.static / "hn_weights").mkdir(parents=True)
     op = operator(static_mounts={"hn_weights": "/model", "AwesomeModel2": "/model2"})
     with pytest.raises(AirflowException) as info:
-        op._prepare_mounts(folders.context)
+        op._prepare_mounts(folders.run_dir, load_settings())
     missing = folders.static / "AwesomeModel2"
     assert str(info.value) == (f"static asset 'AwesomeModel2' is missing: no folder {missing}. "
                                "Put the asset there (RADDEPLOY_STATIC) or fix static_mounts in the flow.")
@@ -354,6 +323,6 @@ def test_missing_input_folder_is_named(folders: SimpleNamespace) -> None:
     (folders.run / "input").mkdir(parents=True)
     op = operator(inputs={"src": "/input", "ct_reg": "/ct"})
     with pytest.raises(AirflowException) as info:
-        op._prepare_mounts(folders.context)
+        op._prepare_mounts(folders.run_dir, load_settings())
     assert str(info.value) == (f"input 'ct_reg' has no folder at {folders.run / 'ct_reg'}: did the task that "
                                "writes it succeed? Clear that task to run it again.")

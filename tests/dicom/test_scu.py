@@ -30,7 +30,7 @@ def test_echo_and_send_series_byte_exact(storescp, tmp_path):
 
 
 def test_thousands_of_instances_without_a_stall(storescp, tmp_path):
-    """Guards pynetdicom 3.0.4's sender race (shared/notes/dicom.md): a stall would time out."""
+    """Guards pynetdicom 3.0.4's sender race (see dicom/scu.py): a stall would time out."""
     series = make_series(tmp_path / "small", slices=1500, size=8)
     node = Node("127.0.0.1", storescp.port, storescp.ae_title, timeout=10)
     for attempt in range(2):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from peers import StoreSCP, free_port
-from listener.airflow_client import AirflowClient
-from raddeploy_provider.embedded import EmbeddedStack
+from raddeploy_provider.airflow_client import AirflowClient
+from raddeploy.embedded import EmbeddedStack
 
 FLOW = """
 name: E2E CT threshold

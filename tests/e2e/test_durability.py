@@ -23,9 +23,9 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from dicom_factory import make_series
-from listener.airflow_client import AirflowClient
+from raddeploy_provider.airflow_client import AirflowClient
 from peers import DCMTK_ENV, StoreSCP, free_port, partial_files, require_tool, storescu, wait_for
-from raddeploy_provider.embedded import EmbeddedStack
+from raddeploy.embedded import EmbeddedStack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 

@@ -11,7 +11,6 @@ it triggers only on this test's MR series.
 
 from __future__ import annotations
 
-import textwrap
 import time
 import urllib.parse
 from datetime import datetime
@@ -21,6 +20,7 @@ from pydicom import dcmread
 
 from peers import storescu, wait_for
 from dicom_factory import make_series
+from flow_factory import ensemble_flow
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -56,39 +56,11 @@ cp /seg0/dicom/* /output/
 """  # only DICOM goes to dst: everything there is sent (and every output must be read or sent)
 
 
-def command_yaml(script: str, indent: int) -> str:
-    """``command: [sh, -c, <script>]`` with the script as a literal block, as one writes it by hand."""
-    pad = " " * indent
-    return (f"{pad}command:\n{pad}  - sh\n{pad}  - -c\n{pad}  - |\n"
-            + textwrap.indent(script, pad + "    ").rstrip("\n"))
-
-
-def fold_yaml(i: int) -> str:
-    """Even folds in the RadDeploy spelling, odd ones in the native one: both load alike."""
-    if i % 2 == 0:
-        return f"""
-  - name: fold{i}
-    docker_kwargs:
-      image: raddeploy/busybox:latest
-{command_yaml(FOLD_SCRIPT, 6)}
-    input_mounts: {{src: /input}}
-    output_mounts: {{seg{i}: /output}}
-    timeout: 120
-"""
-    return f"""
-  - name: fold{i}
-    image: raddeploy/busybox:latest
-{command_yaml(FOLD_SCRIPT, 4)}
-    inputs: {{src: /input}}
-    outputs: {{seg{i}: /output}}
-    timeout: 2m
-"""
-
-
 def flow_yaml(destination) -> str:
-    merge_inputs = ", ".join(f"seg{i}: /seg{i}" for i in range(FOLDS))
-    return f"""
-name: E2E fan-out fan-in ensemble
+    """Even folds in the RadDeploy spelling (timeout in seconds), odd ones in the native one: both load alike."""
+    return ensemble_flow(
+        name="E2E fan-out fan-in ensemble", folds=FOLDS, image="raddeploy/busybox:latest",
+        head=f"""\
 id: {DAG_ID}
 description: five folds in parallel, then a merge
 triggers:
@@ -96,19 +68,11 @@ triggers:
     SeriesDescription: "^{DESCRIPTION}$"
 grouping:
   quiet_period: 1s
-models:{"".join(fold_yaml(i) for i in range(FOLDS))}
-  - name: merge
-    docker_kwargs:
-      image: raddeploy/busybox:latest
-{command_yaml(MERGE_SCRIPT, 6)}
-    input_mounts: {{{merge_inputs}}}
-    output_mounts: {{dst: /output}}
-    timeout: 120
-destinations:
-  - host: 127.0.0.1
-    port: {destination.port}
-    ae_title: {destination.ae_title}
-"""
+""",
+        fold=lambda i: {"name": f"fold{i}", "command": ["sh", "-c", FOLD_SCRIPT], "native": i % 2 == 1,
+                        "timeout": "2m" if i % 2 else 120},
+        merge={"name": "merge", "command": ["sh", "-c", MERGE_SCRIPT], "timeout": 120}, merge_mount="/seg{i}",
+        host="127.0.0.1", port=destination.port, ae_title=destination.ae_title)
 
 
 def max_concurrency(intervals: list[tuple[float, float]]) -> int:

@@ -8,20 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import textwrap
 from pathlib import Path
 
 import pytest
 
+from flow_factory import write
 from raddeploy_provider.flows import FlowError, load_flow, load_flows, parse_duration
 from raddeploy_provider.flows.model import Destination, Grouping, InputSpec, ModelSpec
-
-
-def write(folder: Path, text: str, name: str = "flow.yaml") -> Path:
-    path = folder / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
-    return path
 
 
 def load_error(folder: Path, text: str, name: str = "flow.yaml") -> tuple[Path, FlowError]:

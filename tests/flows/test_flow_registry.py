@@ -5,14 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from flow_factory import write
 from raddeploy_provider.flows.registry import FlowRegistry
 
-FLOW = "name: {name}\ntriggers: [{{Modality: {modality}}}]\nmodels: [{{image: a}}]\n"
 
-
-def write(path: Path, name: str, modality: str = "CT") -> Path:
-    path.write_text(FLOW.format(name=name, modality=modality))
-    return path
+def flow(name: str, modality: str = "CT") -> str:
+    return f"name: {name}\ntriggers: [{{Modality: {modality}}}]\nmodels: [{{image: a}}]\n"
 
 
 def bump_mtime(path: Path) -> None:
@@ -21,17 +19,17 @@ def bump_mtime(path: Path) -> None:
 
 
 def test_reload_after_a_file_is_edited(tmp_path: Path) -> None:
-    path = write(tmp_path / "a.yaml", "First")
+    path = write(tmp_path, flow("First"), "a.yaml")
     registry = FlowRegistry(tmp_path, interval=0)
     first = registry.current()
     assert [f.dag_id for f in first.flows] == ["first"]
     assert registry.current() is first  # nothing changed: no reload
 
-    write(path, "Second flow")
+    write(tmp_path, flow("Second flow"), "a.yaml")
     assert [f.dag_id for f in registry.current().flows] == ["second_flow"]
 
     # an edit that keeps the size is seen through the modification time
-    write(path, "Third flow ", modality="MR")
+    write(tmp_path, flow("Third flow ", modality="MR"), "a.yaml")
     bump_mtime(path)
     flows = registry.current().flows
     assert [f.dag_id for f in flows] == ["third_flow"]
@@ -39,7 +37,7 @@ def test_reload_after_a_file_is_edited(tmp_path: Path) -> None:
 
 
 def test_added_broken_and_removed_files(tmp_path: Path) -> None:
-    write(tmp_path / "a.yaml", "A")
+    write(tmp_path, flow("A"), "a.yaml")
     registry = FlowRegistry(tmp_path, interval=0)
     assert [f.dag_id for f in registry.current().flows] == ["a"]
 
@@ -50,7 +48,7 @@ def test_added_broken_and_removed_files(tmp_path: Path) -> None:
     assert [str(e) for e in result.errors] == [
         f"{broken}:3: models[0].imgae: unknown key (did you mean `image`?)"]
 
-    write(broken, "B")
+    write(tmp_path, flow("B"), "b.yaml")
     result = registry.current()
     assert [f.dag_id for f in result.flows] == ["a", "b"] and result.errors == []
 
@@ -59,10 +57,10 @@ def test_added_broken_and_removed_files(tmp_path: Path) -> None:
 
 
 def test_interval_limits_how_often_the_folder_is_checked(tmp_path: Path) -> None:
-    path = write(tmp_path / "a.yaml", "Before")
+    write(tmp_path, flow("Before"), "a.yaml")
     registry = FlowRegistry(tmp_path, interval=3600)
     assert [f.dag_id for f in registry.current().flows] == ["before"]
-    write(path, "After the edit")
+    write(tmp_path, flow("After the edit"), "a.yaml")
     assert [f.dag_id for f in registry.current().flows] == ["before"]  # not checked again yet
     registry.interval = 0
     assert [f.dag_id for f in registry.current().flows] == ["after_the_edit"]
@@ -73,5 +71,5 @@ def test_missing_folder_is_no_flows(tmp_path: Path) -> None:
     result = registry.current()
     assert result.flows == [] and result.errors == []
     (tmp_path / "nope").mkdir()
-    write(tmp_path / "nope" / "x.yml", "X")
+    write(tmp_path / "nope", flow("X"), "x.yml")
     assert [f.dag_id for f in registry.current().flows] == ["x"]

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import textwrap
 from pathlib import Path
 
 import pytest
 
+from flow_factory import ensemble_flow, write
 from raddeploy_provider.flows import FlowError, load_flow, load_flows
 from raddeploy_provider.flows import docs as flow_docs
 from raddeploy_provider.flows.model import (
@@ -32,13 +32,6 @@ from raddeploy_provider.flows.schema import DOCKER_KWARGS_REFUSED, SECTIONS, Key
 REPO = Path(__file__).resolve().parents[2]
 GiB = 1024**3
 MiB = 1024**2
-
-
-def write(folder: Path, text: str, name: str = "flow.yaml") -> Path:
-    path = folder / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
-    return path
 
 
 def error_of(folder: Path, text: str, name: str = "flow.yaml") -> str:
@@ -284,41 +277,10 @@ def test_every_return_to_sender_spelling_adds_up_without_repeats(tmp_path: Path)
     assert flow.return_to_sender == (104, 11112, 4242)
 
 
-ENSEMBLE = """
-name: Five fold ensemble
-triggers:
-  - Modality: CT
-models:
-""" + "".join(f"""
-  - docker_kwargs:
-      image: busybox:1.36
-      command: sh -c 'touch /output/SEG_{i}'
-    input_mounts:
-      src: /input
-    output_mounts:
-      seg{i}: /output
-""" for i in range(5)) + """
-  - docker_kwargs:
-      image: busybox:1.36
-      command: sh -c 'cp /input*/* /output/; ls -la /output; sleep 10'
-    input_mounts:
-      seg0: /input0
-      seg1: /input1
-      seg2: /input2
-      seg3: /input3
-      seg4: /input4
-    output_mounts:
-      dst: /output
-    pull_before_exec: True
-    timeout: 1800
-    static_mounts:
-      - "AwesomeModel1:/model1"
-      - "AwesomeModel2:/model2"
-destinations:
-  - host: localhost
-    port: 10001
-    ae_title: STORESCP
-"""
+#: RadDeploy's five-fold ensemble, its merge mounting two static folders (the merge's inputs one a line).
+ENSEMBLE = ensemble_flow(merge={
+    "command": "sh -c 'cp /input*/* /output/; ls -la /output; sleep 10'", "pull_before_exec": True, "timeout": 1800,
+    "static_mounts": ["AwesomeModel1:/model1", "AwesomeModel2:/model2"]})
 
 
 def test_raddeploy_five_fold_ensemble(tmp_path: Path) -> None:

@@ -28,11 +28,12 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException, Airfl
 from airflow.sdk.execution_time.timeout import timeout
 from docker.errors import NotFound
 
-from raddeploy_provider import cli
+from raddeploy import cli
 from raddeploy_provider.config import load_settings
 from raddeploy_provider.flows.model import ModelSpec
-from raddeploy_provider.gpu_lease import GpuLease
-from raddeploy_provider.operators.model import GPU_LABEL, GPU_SCOPE_LABEL, RUN_LABEL, ModelOperator
+from raddeploy_provider.exceptions import ModelFailed
+from raddeploy_provider.gpu import GPU_LABEL, GPU_SCOPE_LABEL, GpuLease
+from raddeploy_provider.operators.model import RUN_LABEL, ModelOperator
 
 pytestmark = pytest.mark.integration
 
@@ -156,9 +157,10 @@ def test_safe_defaults_in_docker_inspect(env: SimpleNamespace) -> None:
 
 def test_input_is_read_only(env: SimpleNamespace) -> None:
     op = model_op("writes_input", command=sh("echo trying; touch /input/new || exit 7"))
-    with pytest.raises(AirflowException) as info:
+    with pytest.raises(ModelFailed) as info:
         op.execute(env.context)
     message = str(info.value)
+    assert info.value.exit_code == 7
     assert "exited with code 7" in message
     assert "Read-only file system" in message
     assert task_manifest(env, "writes_input")["exit_code"] == 7
@@ -229,9 +231,11 @@ def test_nonzero_exit_says_code_and_last_log_lines(env: SimpleNamespace) -> None
     # One stream: Docker reads stdout and stderr apart, so their lines can come in either order.
     op = model_op("fails", command=sh("exec >&2; for i in $(seq 1 30); do echo line $i; done; "
                                       "echo fatal: no CT; exit 3"))
-    with pytest.raises(AirflowException) as info:
+    with pytest.raises(ModelFailed) as info:
         op.execute(env.context)
     message = str(info.value)
+    assert (info.value.exit_code, info.value.oom_killed) == (3, False)
+    assert info.value.log_tail == [*(f"line {i}" for i in range(12, 31)), "fatal: no CT"]
     assert f"model fails ({BUSYBOX}) exited with code 3" in message
     assert message.endswith("\n".join(["last log lines:", *(f"line {i}" for i in range(12, 31)), "fatal: no CT"]))
     record = task_manifest(env, "fails")
@@ -241,8 +245,9 @@ def test_nonzero_exit_says_code_and_last_log_lines(env: SimpleNamespace) -> None
 def test_out_of_memory(env: SimpleNamespace) -> None:
     op = model_op("hungry", image=BASE, mem_limit=64 * 2**20,
                   command=["python3", "-c", "x = b'x' * (300 * 2**20); print(len(x))"])
-    with pytest.raises(AirflowException) as info:
+    with pytest.raises(ModelFailed) as info:
         op.execute(env.context)
+    assert info.value.oom_killed is True
     assert "was killed for running out of memory (limit 64 MiB)" in str(info.value)
     record = task_manifest(env, "hungry")
     assert record["oom_killed"] is True
@@ -353,7 +358,7 @@ def test_more_gpus_than_the_host_has(env: SimpleNamespace, monkeypatch: pytest.M
     op = model_op("huge", command=sh("echo hi > /output/x"), gpu=3)
     with pytest.raises(AirflowFailException) as info:  # no retry: more GPUs will not appear
         op.execute(env.context)
-    assert str(info.value).startswith("model huge needs 3 GPU(s); this host has 2 (0, 1).")
+    assert str(info.value).startswith("model huge: 3 GPU(s) asked for, but this host has 2 (0, 1): set RADDEPLOY_GPUS")
     assert op.container is None
 
 

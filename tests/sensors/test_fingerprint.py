@@ -8,6 +8,7 @@ execute_complete(context, event) as the runner would call it on resume.
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import threading
 import time
@@ -20,7 +21,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException, T
 from dicom_factory import make_series
 from raddeploy_provider.flows import load_flow
 from raddeploy_provider.sensors.fingerprint import FingerprintSensor
-from raddeploy_provider.store import StudyStore
+from raddeploy_provider.store import NEVER, StudyStore
 from raddeploy_provider.triggers.study_ready import StudyReadyTrigger
 
 FLOW = """
@@ -46,7 +47,7 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         for f in series.files:
             temp = store.layout.incoming / f.name
             shutil.copy(f, temp)
-            store.ingest(temp, lambda h: ["two_modalities"], calling_ae="SCANNER", peer="127.0.0.1:5000",
+            store.ingest(temp, lambda h: {"two_modalities": NEVER}, calling_ae="SCANNER", peer="127.0.0.1:5000",
                          association=association)
 
     def sensor(on_timeout: str = "skip") -> FingerprintSensor:
@@ -76,8 +77,11 @@ def test_ready_study_is_taken_at_once(world):
     assert summary["instances"] == 3 and len(summary["series"]) == 2
     assert len(list((world.run_dir / "input").iterdir())) == 3
     assert world.store.index.run_state("two_modalities", world.context["run_id"]) == "closing"
-    manifest = (world.run_dir / "manifest.json").read_text()
-    assert world.ct.study_uid in manifest and "Two modalities" in manifest
+    manifest = json.loads((world.run_dir / "manifest.json").read_text())
+    assert manifest["study_uid"] == world.ct.study_uid and manifest["flow"]["name"] == "Two modalities"
+    assert len(manifest["input"]["sop_instance_uids"]) == 3
+    # The send tasks read who to return results to from here, never from the index.
+    assert manifest["sender"] == {"calling_ae": "SCANNER", "host": "127.0.0.1"}
 
 
 def test_missing_trigger_defers_then_the_trigger_fires_when_it_arrives(world):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import warnings
 from pathlib import Path
 
@@ -12,10 +11,8 @@ from pydicom.encaps import encapsulate
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian, RLELossless
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/dicom_factory.py
-from dicom_factory import make_series  # noqa: E402
-
-from raddeploy_provider.store import StoreError, read_header  # noqa: E402
+from dicom_factory import make_series
+from raddeploy_provider.store import StoreError, read_header
 
 
 @pytest.fixture(scope="module")

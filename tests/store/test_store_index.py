@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from raddeploy_provider.store import RunRef, StoredInstance, StudyIndex, run_id_for
+from raddeploy_provider.store import NEVER, RunRef, StoredInstance, StudyIndex, run_id_for
 
 STUDY = "1.2.826.0.1.1"
 OTHER_STUDY = "1.2.826.0.1.2"
@@ -33,7 +33,7 @@ def index(tmp_path: Path) -> StudyIndex:
 
 def test_rows_round_trip(index: StudyIndex) -> None:
     row = inst(1, ImageType=["ORIGINAL", "PRIMARY"], SeriesDescription="Head")
-    assert index.add(row, []).duplicate is False
+    assert index.add(row, {}).duplicate is False
     assert index.instances(STUDY) == [row]
     assert index.instances_by_sop(["1.2.3.1", "9.9"]) == {"1.2.3.1": row}
     assert index.instances_by_sop([]) == {}
@@ -45,7 +45,7 @@ def test_rows_round_trip(index: StudyIndex) -> None:
 def test_reopening_the_database_keeps_everything(tmp_path: Path) -> None:
     path = tmp_path / "index.sqlite3"
     first = StudyIndex(path)
-    first.add(inst(1), ["flow"])
+    first.add(inst(1), {"flow": NEVER})
     first.close()
     again = StudyIndex(path)  # the schema script runs again: must be harmless
     assert [i.sop_uid for i in again.instances(STUDY)] == ["1.2.3.1"]
@@ -54,9 +54,9 @@ def test_reopening_the_database_keeps_everything(tmp_path: Path) -> None:
 
 
 def test_same_sop_twice_is_a_duplicate_and_opens_nothing(index: StudyIndex) -> None:
-    assert index.add(inst(1), ["flow"]).opened == [RunRef("flow", f"{STUDY}.1", STUDY, 1)]
+    assert index.add(inst(1), {"flow": NEVER}).opened == [RunRef("flow", f"{STUDY}.1", STUDY, 1)]
     index.close_run("flow", f"{STUDY}.1", STUDY)
-    result = index.add(inst(1), ["flow"])
+    result = index.add(inst(1), {"flow": NEVER})
     assert result.duplicate is True and result.opened == []
     assert len(index.runs()) == 1
 
@@ -64,13 +64,13 @@ def test_same_sop_twice_is_a_duplicate_and_opens_nothing(index: StudyIndex) -> N
 def test_generations(index: StudyIndex) -> None:
     run1 = RunRef("flow", f"{STUDY}.1", STUDY, 1)
     assert run_id_for(STUDY, 1) == f"{STUDY}.1"
-    assert index.add(inst(1), ["flow"]).opened == [run1]
+    assert index.add(inst(1), {"flow": NEVER}).opened == [run1]
     assert run1.conf == {"study_uid": STUDY, "generation": 1}
     assert index.run_state("flow", run1.run_id) == "open"
 
     # an open run collects: more instances open nothing
-    assert index.add(inst(2), ["flow"]).opened == []
-    assert index.add(inst(3), ["flow"]).opened == []
+    assert index.add(inst(2), {"flow": NEVER}).opened == []
+    assert index.add(inst(3), {"flow": NEVER}).opened == []
 
     closed = index.close_run("flow", run1.run_id, STUDY)
     assert [i.sop_uid for i in closed] == ["1.2.3.1", "1.2.3.2", "1.2.3.3"]
@@ -78,30 +78,30 @@ def test_generations(index: StudyIndex) -> None:
 
     # after the close, a new instance opens the next generation
     run2 = RunRef("flow", f"{STUDY}.2", STUDY, 2)
-    assert index.add(inst(4), ["flow"]).opened == [run2]
-    assert index.add(inst(5), ["flow"]).opened == []
+    assert index.add(inst(4), {"flow": NEVER}).opened == [run2]
+    assert index.add(inst(5), {"flow": NEVER}).opened == []
     assert [r.run_id for r in index.runs("flow")] == [f"{STUDY}.1", f"{STUDY}.2"]
 
     # closing again returns the study as of that moment, and changes nothing for run 1
     assert [i.sop_uid for i in index.close_run("flow", run2.run_id, STUDY)] == [f"1.2.3.{n}" for n in range(1, 6)]
     assert index.close_run("flow", run1.run_id, STUDY) and index.run_state("flow", run1.run_id) == "closing"
-    assert index.add(inst(6), ["flow"]).opened == [RunRef("flow", f"{STUDY}.3", STUDY, 3)]
+    assert index.add(inst(6), {"flow": NEVER}).opened == [RunRef("flow", f"{STUDY}.3", STUDY, 3)]
 
 
 def test_flows_and_studies_have_their_own_runs(index: StudyIndex) -> None:
-    assert [r.dag_id for r in index.add(inst(1), ["a", "b"]).opened] == ["a", "b"]
+    assert [r.dag_id for r in index.add(inst(1), {"a": NEVER, "b": NEVER}).opened] == ["a", "b"]
     index.close_run("a", f"{STUDY}.1", STUDY)
-    assert index.add(inst(2), ["a", "b"]).opened == [RunRef("a", f"{STUDY}.2", STUDY, 2)]
-    assert index.add(inst(3, study=OTHER_STUDY), ["a"]).opened == [RunRef("a", f"{OTHER_STUDY}.1", OTHER_STUDY, 1)]
-    assert index.add(inst(4), []).opened == []
+    assert index.add(inst(2), {"a": NEVER, "b": NEVER}).opened == [RunRef("a", f"{STUDY}.2", STUDY, 2)]
+    assert index.add(inst(3, study=OTHER_STUDY), {"a": NEVER}).opened == [RunRef("a", f"{OTHER_STUDY}.1", OTHER_STUDY, 1)]
+    assert index.add(inst(4), {}).opened == []
     assert {(r.dag_id, r.run_id) for r in index.runs()} == {
         ("a", f"{STUDY}.1"), ("b", f"{STUDY}.1"), ("a", f"{STUDY}.2"), ("a", f"{OTHER_STUDY}.1")}
     assert [r.run_id for r in index.runs("b")] == [f"{STUDY}.1"]
 
 
 def test_close_run_of_a_run_triggered_by_hand(index: StudyIndex) -> None:
-    index.add(inst(1), [])
-    index.add(inst(2), [])
+    index.add(inst(1), {})
+    index.add(inst(2), {})
     manual = "manual__2024-05-01T10:00:00+00:00"
     assert index.run_state("flow", manual) is None
 
@@ -111,7 +111,7 @@ def test_close_run_of_a_run_triggered_by_hand(index: StudyIndex) -> None:
     assert index.run_state("flow", manual) == "closing"
     assert RunRef("flow", manual, STUDY, 0) in index.runs("flow")
     # the manual run is not collecting: the listener's next instance opens generation 1
-    assert index.add(inst(3), ["flow"]).opened == [RunRef("flow", f"{STUDY}.1", STUDY, 1)]
+    assert index.add(inst(3), {"flow": NEVER}).opened == [RunRef("flow", f"{STUDY}.1", STUDY, 1)]
     # a retried sensor closing the same manual run again is harmless
     assert len(index.close_run("flow", manual, STUDY)) == 3
     assert [r.run_id for r in index.runs("flow")].count(manual) == 1
@@ -124,9 +124,9 @@ def test_close_run_of_an_unknown_study_is_empty(index: StudyIndex) -> None:
 
 
 def test_outbox(index: StudyIndex, tmp_path: Path) -> None:
-    index.add(inst(1), ["a", "b"])
+    index.add(inst(1), {"a": NEVER, "b": NEVER})
     index.close_run("a", f"{STUDY}.1", STUDY)
-    index.add(inst(2), ["a", "b"])
+    index.add(inst(2), {"a": NEVER, "b": NEVER})
 
     pending = index.pending_triggers()
     assert [(p.dag_id, p.run_id, p.conf, p.attempts) for p in pending] == [
@@ -156,7 +156,7 @@ def test_outbox(index: StudyIndex, tmp_path: Path) -> None:
 
 
 def test_failed_attempt_keeps_a_short_error(index: StudyIndex) -> None:
-    index.add(inst(1), ["a"])
+    index.add(inst(1), {"a": NEVER})
     [item] = index.pending_triggers()
     index.mark_failed_attempt(item.id, "x" * 2000)
     with sqlite3.connect(index.path) as db:
@@ -176,7 +176,7 @@ def test_concurrent_writers(index: StudyIndex) -> None:
         try:
             barrier.wait()
             for k in range(per_thread):
-                result = index.add(inst(t * 1000 + k, series=f"1.2.3.{t}"), ["flow_a", "flow_b"])
+                result = index.add(inst(t * 1000 + k, series=f"1.2.3.{t}"), {"flow_a": NEVER, "flow_b": NEVER})
                 with lock:
                     opened.extend(result.opened)
         except BaseException as exc:  # noqa: BLE001 - reported below
@@ -212,7 +212,7 @@ def test_concurrent_writers_and_a_closing_sensor(index: StudyIndex) -> None:
 
     def writer(t: int) -> None:
         for k in range(30):
-            index.add(inst(t * 1000 + k), ["flow"])
+            index.add(inst(t * 1000 + k), {"flow": NEVER})
         index.close()
 
     watcher = threading.Thread(target=sensor)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import sys
 import threading
 import warnings
 from pathlib import Path
@@ -12,11 +11,9 @@ import pydicom
 import pytest
 from pydicom.errors import InvalidDicomError
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/dicom_factory.py
-from dicom_factory import Series, make_series  # noqa: E402
-
-from raddeploy_provider.store import InvalidUID, RunRef, StoreError, StudyStore, read_header  # noqa: E402
-from raddeploy_provider.store.study_store import file_sha256  # noqa: E402
+from dicom_factory import Series, make_series
+from raddeploy_provider.store import NEVER, InvalidUID, RunRef, StoreError, StudyStore, read_header
+from raddeploy_provider.store.study_store import file_sha256
 
 
 @pytest.fixture
@@ -38,10 +35,10 @@ class Selector:
         self.seen: list[str] = []
         self.lock = threading.Lock()
 
-    def __call__(self, header) -> list[str]:
+    def __call__(self, header) -> dict[str, float]:
         with self.lock:
             self.seen.append(header.sop_uid)
-        return list(self.dag_ids) if header.modality == "CT" else []
+        return dict.fromkeys(self.dag_ids, NEVER) if header.modality == "CT" else {}
 
 
 def incoming(store: StudyStore, source: Path, name: str | None = None) -> Path:

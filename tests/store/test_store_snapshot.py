@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/dicom_factory.py
-from dicom_factory import make_series  # noqa: E402
-
-from raddeploy_provider.store import StoredInstance, StudyStore, snapshot  # noqa: E402
+from dicom_factory import make_series
+from raddeploy_provider.store import StoredInstance, StudyStore, snapshot
 
 STUDY = "1.2.826.0.1.3680043.99.1"
 
@@ -27,7 +24,7 @@ def store(tmp_path: Path) -> StudyStore:
         for f in series.files:
             temp = store.layout.incoming / f"{modality}_{f.name}"
             shutil.copyfile(f, temp)
-            store.ingest(temp, lambda header: [])
+            store.ingest(temp, lambda header: {})
     return store
 
 

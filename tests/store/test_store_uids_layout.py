@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from raddeploy_provider.store import DataDir, InvalidUID, StoreError
+from raddeploy_provider.store import DataDir, InvalidUID, RunDir, StoreError
 from raddeploy_provider.store.uids import checked_uid
 
 GOOD = [
@@ -86,18 +86,44 @@ def test_instance_path_refuses_bad_uids_in_every_position(tmp_path: Path, uid: s
 ])
 def test_run_dir(tmp_path: Path, dag_id: str, run_id: str) -> None:
     data = DataDir(tmp_path)
-    path = data.run_dir(dag_id, run_id)
-    assert path == tmp_path / "runs" / dag_id / run_id
-    assert path.resolve().is_relative_to((tmp_path / "runs").resolve())
+    run = data.run(dag_id, run_id)
+    assert run.path == tmp_path / "runs" / dag_id / run_id
+    assert run.path.resolve().is_relative_to((tmp_path / "runs").resolve())
+    assert (run.dag_id, run.run_id) == (dag_id, run_id)
+    run.path.mkdir(parents=True)
+    assert data.find_runs(run_id) == [run] == data.find_runs(run_id, dag_id)
+    assert data.find_runs(run_id, "other_flow") == []
 
 
 @pytest.mark.parametrize("part", ["..", ".", "", "a/b", "../etc", "a\\b", "a b", "a\nb", "a\n", "/abs"])
 def test_run_dir_refuses_names_that_are_not_one_plain_folder(tmp_path: Path, part: str) -> None:
     data = DataDir(tmp_path)
     with pytest.raises(StoreError):
-        data.run_dir(part, "1.2.1")
+        data.run(part, "1.2.1")
     with pytest.raises(StoreError):
-        data.run_dir("flow", part)
+        data.run("flow", part)
+
+
+def test_run_folder_entries(tmp_path: Path) -> None:
+    run = DataDir(tmp_path).run("flow", "1.2.1")
+    assert run.mount("src") == run.input == run.path / "input"
+    assert run.mount("seg") == run.path / "seg"
+    assert run.config_file("segment") == run.path / "config" / "segment" / "config.yaml"
+    assert run.sent_ledger("send_0_tps") == run.path / "sent" / "send_0_tps.json"
+    assert (run.manifest, run.manifest_parts) == (run.path / "manifest.json", run.path / "manifest.d")
+    # Every name the run folder uses itself is reserved, so no mount can land on it.
+    used = {p.relative_to(run.path).parts[0] for p in (
+        run.input, run.config_file("t"), run.sent_ledger("t"), run.manifest, run.manifest_parts, run.manifest_lock)}
+    assert used | {".", ".."} == RunDir.RESERVED
+    for name in RunDir.RESERVED:
+        with pytest.raises(StoreError, match="reserved"):
+            run.mount(name)
+
+
+def test_static_and_flow_id_cache(tmp_path: Path) -> None:
+    assert DataDir(tmp_path).static == tmp_path / "static"
+    assert DataDir(tmp_path, static_override=tmp_path / "assets").static == tmp_path / "assets"
+    assert DataDir(tmp_path).flow_ids == tmp_path / "flow-ids.json"
 
 
 def test_create_makes_the_folders(tmp_path: Path) -> None:

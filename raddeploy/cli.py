@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import signal
 import sys
@@ -12,16 +11,12 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from raddeploy_provider.config import load_settings
+from raddeploy_provider.config import configure_logging, load_settings
+from raddeploy_provider.units import format_duration
 
 if TYPE_CHECKING:
     from raddeploy_provider.flows import Flow, FlowError, FlowWarning, LoadResult
     from raddeploy_provider.store import InstanceHeader
-
-
-def _setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
@@ -178,18 +173,6 @@ def cmd_match(args: argparse.Namespace) -> int:
     return 0 if runs else 1
 
 
-def _duration(seconds: float) -> str:
-    """``90`` -> ``1m30s``, ``1800`` -> ``30m``, ``0.5`` -> ``0.5s``, as a flow file would write it."""
-    if seconds < 60 and seconds != int(seconds):
-        return f"{seconds:g}s"
-    rest, parts = int(round(seconds)), []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if rest >= size or (unit == "s" and not parts):
-            parts.append(f"{rest // size}{unit}")
-            rest %= size
-    return "".join(parts)
-
-
 def _mounts(mounts: dict[str, str]) -> str:
     return ", ".join(f"{name} ({path})" for name, path in mounts.items()) or "none"
 
@@ -207,7 +190,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
     print()
     print(SENSOR_TASK)
     print(f"  waits:   until every trigger ({len(flow.triggers)}) is satisfied and the study has been quiet "
-          f"for {_duration(grouping.quiet_period)}; after {_duration(grouping.timeout)}: {grouping.on_timeout}")
+          f"for {format_duration(grouping.quiet_period)}; after {format_duration(grouping.timeout)}: {grouping.on_timeout}")
     print(f"  out:     src (the matched instances; {_input_spec(flow)})")
     for name in model_order(flow):
         model = by_name[name]
@@ -223,7 +206,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
         if model.static_mounts:
             print(f"  static:  {_mounts(model.static_mounts)}")
         if model.timeout:
-            print(f"  timeout: {_duration(model.timeout)}")
+            print(f"  timeout: {format_duration(model.timeout)}")
         if model.network != "none":
             print(f"  network: {model.network}")
     senders = [model.name for model in flow.models if model.sent_outputs]
@@ -245,7 +228,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from raddeploy_provider.embedded import EmbeddedStack
+    from raddeploy.embedded import EmbeddedStack
 
     stack = EmbeddedStack(home=Path(args.home).absolute(), flows_dir=Path(args.flows).absolute(),
                           api_port=args.api_port, dicom_port=args.port, ae_title=args.ae_title,
@@ -271,17 +254,17 @@ Ctrl-C stops everything.
 
 
 def cmd_runs_show(args: argparse.Namespace) -> int:
-    from raddeploy_provider.store import DataDir, manifest
+    from raddeploy_provider.store import manifest
 
-    runs_root = DataDir(load_settings().data_dir).runs
-    found = manifest.find_run(runs_root, args.run_id, args.dag)
+    data_dir = load_settings().data
+    found = data_dir.find_runs(args.run_id, args.dag)
     if not found:
-        print(f"no run {args.run_id} under {runs_root}" + (f" for flow {args.dag}" if args.dag else ""),
+        print(f"no run {args.run_id} under {data_dir.runs}" + (f" for flow {args.dag}" if args.dag else ""),
               file=sys.stderr)
         return 1
-    for folder in found:
-        data = manifest.assemble(folder)
-        print(json.dumps({"dag_id": folder.parent.name, "run_id": folder.name, **data}, indent=2, sort_keys=True))
+    for run in found:
+        print(json.dumps({"dag_id": run.dag_id, "run_id": run.run_id, **manifest.assemble(run)},
+                         indent=2, sort_keys=True))
     return 0
 
 
@@ -325,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_run)
 
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
+    configure_logging(args.verbose)
     try:
         return args.func(args)
     except BrokenPipeError:  # `raddeploy match ... | head`: the reader left, that is all

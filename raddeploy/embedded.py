@@ -1,7 +1,9 @@
 """The embedded default: Airflow standalone (SQLite, LocalExecutor) plus the listener.
 
 ``raddeploy run`` and the end-to-end tests start the product through this one class, so the
-tests prove the path a user runs. Airflow settings follow shared/notes/airflow.md; the
+tests prove the path a user runs. The Airflow settings in :meth:`EmbeddedStack.environment`
+were measured on 2 cores (README "Settings"); standalone forwards a shutdown only on
+SIGINT, so it is stopped with SIGINT and its stragglers escalated per process group. The
 passwords are generated once and kept in ``<home>/passwords.json`` (mode 0600).
 """
 
@@ -130,9 +132,9 @@ class EmbeddedStack:
 
     def _ensure_gpu_pool(self, env: dict[str, str]) -> None:
         """One slot per GPU of this host, so GPU model tasks are scheduled (or wait visibly)."""
-        from listener.airflow_client import AirflowClient
+        from raddeploy_provider.airflow_client import AirflowClient
 
-        from raddeploy_provider.gpus import host_gpu_ids
+        from raddeploy_provider.gpu import host_gpu_ids
 
         ids = host_gpu_ids(env)
         client = AirflowClient(self.api_url, "admin", self.passwords()["admin"])

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import logging
 
+from raddeploy_provider.airflow_client import AirflowClient, AirflowUnavailable, TriggerRejected
 from raddeploy_provider.config import load_settings
 
 log = logging.getLogger(__name__)
 
 
 def set_run_note(dag_id: str, run_id: str, note: str) -> bool:
-    from listener.airflow_client import AirflowClient, AirflowUnavailable, TriggerRejected
-
     settings = load_settings()
     if not settings.airflow_password:
         return False

@@ -1,4 +1,4 @@
-"""GPU leases with real locks, threads and processes (no Docker, no Airflow).
+"""The GPU module: leases with real locks, threads and processes; what containers are given (no Docker, no Airflow).
 
 flock locks belong to an open file description: two leases opened separately conflict even
 in one process (Airflow runs one task per process, the tests use threads too), and the
@@ -17,7 +17,17 @@ from pathlib import Path
 
 import pytest
 
-from raddeploy_provider.gpu_lease import GpuLease, LeaseTimeout
+from raddeploy_provider.gpu import (
+    GPU_LABEL,
+    GPU_SCOPE_LABEL,
+    GpuLease,
+    LeaseTimeout,
+    NotEnoughGpus,
+    container_gpus,
+    host_gpu_ids,
+    orphans,
+    scope_filter,
+)
 
 IDS = ["0", "1"]
 
@@ -81,7 +91,7 @@ def test_waiting_for_two_hoards_nothing(tmp_path: Path) -> None:
 CHILD = """
 import sys, time
 from pathlib import Path
-from raddeploy_provider.gpu_lease import GpuLease
+from raddeploy_provider.gpu import GpuLease
 lease = GpuLease(["0"], 1, Path(sys.argv[1]))
 print(lease.acquire()[0], flush=True)
 time.sleep(60)
@@ -109,10 +119,10 @@ def test_lease_of_a_killed_process_is_released(tmp_path: Path) -> None:
 
 
 def test_more_than_the_host_has_is_refused_at_once(tmp_path: Path) -> None:
-    with pytest.raises(LeaseTimeout) as info:
+    with pytest.raises(NotEnoughGpus) as info:
         lease(tmp_path, 3)
-    assert str(info.value).startswith("3 GPUs asked for, but this host has 2 (0, 1)")
-    with pytest.raises(LeaseTimeout, match=r"1 GPUs asked for, but this host has 0 \(none\)"):
+    assert str(info.value).startswith("3 GPU(s) asked for, but this host has 2 (0, 1): set RADDEPLOY_GPUS")
+    with pytest.raises(NotEnoughGpus, match=r"1 GPU\(s\) asked for, but this host has 0 \(none\)"):
         lease(tmp_path, 1, ids=[])
 
 
@@ -129,3 +139,28 @@ def test_timeout_when_none_frees_up(tmp_path: Path) -> None:
         assert 0.3 <= time.monotonic() - started < 1.5
     with lease(tmp_path, timeout=0) as ids:  # and the timed-out lease kept nothing
         assert ids == ["0"]
+
+
+# -- what a container is given, and which left-overs hold our GPUs ----------------------------
+
+def test_host_gpu_ids_from_the_setting() -> None:
+    assert host_gpu_ids({"RADDEPLOY_GPUS": "0, 2,3"}) == ["0", "2", "3"]
+    assert host_gpu_ids({"RADDEPLOY_GPUS": ""}) == []  # set but empty: none, and no nvidia-smi probe
+
+
+def test_container_gpus_in_both_modes(tmp_path: Path) -> None:
+    request = container_gpus(["1", "3"], "device_request", tmp_path)
+    assert request.labels == {GPU_LABEL: "1,3", GPU_SCOPE_LABEL: str(tmp_path)}
+    assert (request.device_ids, request.environment) == (["1", "3"], {})
+    env = container_gpus(["1", "3"], "env", tmp_path)
+    assert (env.device_ids, env.environment) == ([], {"NVIDIA_VISIBLE_DEVICES": "1,3"})
+    assert env.labels == request.labels
+
+
+def test_orphans_are_the_containers_on_our_ids(tmp_path: Path) -> None:
+    listed = [{"Id": "a" * 64, "Labels": {GPU_LABEL: "0,1"}},
+              {"Id": "b" * 64, "Labels": {GPU_LABEL: "2"}},
+              {"Id": "c" * 64, "Labels": {}}]
+    assert orphans(listed, ["1", "2"]) == [("a" * 64, ["1"]), ("b" * 64, ["2"])]
+    assert orphans(listed, ["3"]) == []
+    assert scope_filter(tmp_path) == {"label": f"{GPU_SCOPE_LABEL}={tmp_path}"}

@@ -1,0 +1,128 @@
+"""The listener's policy, apart from the protocol: who may associate, and what a stored instance is answered.
+
+Pure decisions on plain values: no network, no sockets. The one outside call is the free-disk
+check, ``shutil.disk_usage`` of the store's file system, made once per association request.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import shutil
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+from struct import error as struct_error
+
+from pydicom.errors import InvalidDicomError
+from pynetdicom.presentation import PresentationContext
+
+from raddeploy_provider.dicom.dimse import (
+    APPLICATION_CONTEXT,
+    PROVIDER_LOCAL_LIMIT_EXCEEDED,
+    REJECTED_PERMANENT,
+    REJECTED_TRANSIENT,
+    SOURCE_PROVIDER_PRESENTATION,
+    SOURCE_SERVICE_USER,
+    USER_CALLED_AE_NOT_RECOGNIZED,
+    USER_CALLING_AE_NOT_RECOGNIZED,
+    USER_NO_REASON,
+    Status,
+)
+from raddeploy_provider.store import StoreError
+
+#: What to check when the data dir cannot be written (said by every log line about it).
+DATA_DIR_HINT = "check free space and permissions of the data dir"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An A-ASSOCIATE-RJ: result, source, diagnostic (PS3.8 Table 9-21), and why (for the log)."""
+
+    result: int
+    source: int
+    diagnostic: int
+    why: str
+
+    @classmethod
+    def permanent(cls, diagnostic: int, why: str) -> Refusal:
+        """Refused by us, the service user: the sender should not retry as it is."""
+        return cls(REJECTED_PERMANENT, SOURCE_SERVICE_USER, diagnostic, why)
+
+
+@dataclass
+class AcceptPolicy:
+    """Who may associate, and when. A refusal is an A-ASSOCIATE-RJ, decided before any data flows.
+
+    ``allowed_networks``: addresses or CIDR blocks (empty: any). ``min_free_disk``: bytes
+    that must stay free on the store's file system, else associations are refused as
+    "transient, local limit exceeded" so senders retry later.
+    """
+
+    ae_title: str
+    check_called_ae: bool = True
+    allowed_calling: frozenset[str] = frozenset()  # empty: any calling AE title
+    allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    min_free_disk: int = 0
+    store_dir: Path | None = None
+    contexts: list[PresentationContext] = field(default_factory=list)
+
+    def refusal(self, called: str, calling: str, address: str, application_context: str) -> Refusal | None:
+        """Why a request to associate is refused (called and calling AE titles, the peer's IP
+        address, the application context name asked for), or None: accepted."""
+        if self.allowed_networks:
+            ip = ipaddress.ip_address(address.split("%")[0])
+            if not any(ip in net for net in self.allowed_networks):
+                return Refusal.permanent(USER_NO_REASON, f"address {address} is not in RADDEPLOY_ALLOWED_NETWORKS")
+        if self.check_called_ae and called != self.ae_title:
+            return Refusal.permanent(USER_CALLED_AE_NOT_RECOGNIZED,
+                                     f"called AE title {called!r} is not {self.ae_title!r}")
+        if self.allowed_calling and calling not in self.allowed_calling:
+            return Refusal.permanent(USER_CALLING_AE_NOT_RECOGNIZED, f"calling AE title {calling!r} is not allowed")
+        if self.min_free_disk and self.store_dir is not None:
+            free = shutil.disk_usage(self.store_dir).free
+            if free < self.min_free_disk:
+                return Refusal(REJECTED_TRANSIENT, SOURCE_PROVIDER_PRESENTATION, PROVIDER_LOCAL_LIMIT_EXCEEDED,
+                               f"only {free // 2**20} MiB free on the store, below "
+                               f"RADDEPLOY_MIN_FREE_DISK ({self.min_free_disk // 2**20} MiB)")
+        if application_context != APPLICATION_CONTEXT:
+            return Refusal.permanent(USER_NO_REASON, "not the DICOM application context")
+        return None
+
+
+#: What the study store raises for an instance it cannot understand (pydicom's, its own, a
+#: truncated or malformed header).
+BAD_DATA = (InvalidDicomError, StoreError, ValueError, EOFError, struct_error)
+#: What it raises when it cannot write now: the disk (OSError) or the index (full or locked).
+NO_RESOURCES = (OSError, sqlite3.OperationalError)
+
+
+@dataclass(frozen=True)
+class IngestVerdict:
+    """The status for an instance the store did not take, and the log line saying why.
+
+    ``message`` is a %-format of (calling AE, host, exception); ``traceback``: the unexpected,
+    whose stack goes into the log too.
+    """
+
+    status: Status
+    level: int
+    message: str
+    traceback: bool = False
+
+
+_REFUSED = IngestVerdict(Status.CANNOT_UNDERSTAND, logging.WARNING, "instance from %s@%s refused: %s")
+_CANNOT_STORE = IngestVerdict(Status.OUT_OF_RESOURCES, logging.ERROR,
+                              f"cannot store an instance from %s@%s: %s ({DATA_DIR_HINT})")
+_UNEXPECTED = IngestVerdict(Status.CANNOT_UNDERSTAND, logging.ERROR,
+                            "unexpected error storing an instance from %s@%s: %s", traceback=True)
+
+
+def ingest_verdict(exc: Exception) -> IngestVerdict:
+    """The answer to an instance whose ingest raised ``exc`` (PS3.4 B.2.3): bad data cannot be
+    understood (resending it won't help); out of resources, the sender keeps it and retries."""
+    if isinstance(exc, BAD_DATA):
+        return _REFUSED
+    if isinstance(exc, NO_RESOURCES):
+        return _CANNOT_STORE
+    return _UNEXPECTED

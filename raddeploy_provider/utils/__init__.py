@@ -1,0 +1,1 @@
+"""Small pieces the provider's operators, sensors and triggers share."""
