@@ -25,6 +25,7 @@ from raddeploy_provider.dicom import dimse
 from raddeploy_provider.dicom.dimse import (
     ABORT, ABORT_PDU, ASSOCIATE_RQ, P_DATA_TF, PDU_HEAD, PDV_COMMAND, PDV_HEAD, PDV_LAST, RELEASE_RP_PDU,
     RELEASE_RQ, Status)
+from raddeploy_provider.store.index import peer_host
 
 from .policy import DATA_DIR_HINT, AcceptPolicy
 
@@ -47,7 +48,7 @@ class Sender:
 
     @property
     def host(self) -> str:
-        return self.peer.rpartition(":")[0]
+        return peer_host(self.peer)
 
 
 class StoreHandler(Protocol):

@@ -8,14 +8,17 @@ raddeploy_provider.flows.docs``; a test checks the committed file is current).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from raddeploy_provider.store.layout import RunDir
 
 
 @dataclass(frozen=True)
 class Key:
-    """One key of a section. ``raddeploy``: the spelling of RadDeploy flow files."""
+    """One key of a section: its name, its ``kind`` (which converter of :mod:`.convert` reads
+    it), its documentation and example for ``docs/flows.md``. ``raddeploy``: a spelling of
+    RadDeploy flow files; ``choices``: the values a ``choice`` kind allows.
+    """
 
     name: str
     kind: str
@@ -120,37 +123,38 @@ MODEL = (
         "output is sent).", "/output", "/output/", raddeploy=True),
 )
 
-#: docker_kwargs keys RadDeploy flows may use: applied to the container as given.
-DOCKER_KWARGS = (
-    Key("image", "text", "The Docker image (here or at the model's top level).", example="busybox", raddeploy=True),
-    Key("command", "command", "As `command` of the native form.", example="sh -c 'ls /input'", raddeploy=True),
-    Key("entrypoint", "command", "As `entrypoint`.", example='["/bin/sh"]', raddeploy=True),
-    Key("environment", "str_map", "As `environment`.", example="{CONTAINER_ORDER: 0}", raddeploy=True),
-    Key("mem_limit", "size", "As `mem_limit`.", example="8g", raddeploy=True),
-    Key("shm_size", "size", "As `shm_size`.", example="2g", raddeploy=True),
-    Key("user", "text", "As `user`.", example='"1000"', raddeploy=True),
-    Key("working_dir", "text", "Working directory in the container.", example="/app", raddeploy=True),
-    Key("labels", "str_map", "Container labels.", example="{team: physics}", raddeploy=True),
+#: docker_kwargs keys RadDeploy flows may use: applied to the container as given. Every one is
+#: RadDeploy's spelling (the native form has top-level keys or no such setting).
+DOCKER_KWARGS = tuple(replace(key, raddeploy=True) for key in (
+    Key("image", "text", "The Docker image (here or at the model's top level).", example="busybox"),
+    Key("command", "command", "As `command` of the native form.", example="sh -c 'ls /input'"),
+    Key("entrypoint", "command", "As `entrypoint`.", example='["/bin/sh"]'),
+    Key("environment", "str_map", "As `environment`.", example="{CONTAINER_ORDER: 0}"),
+    Key("mem_limit", "size", "As `mem_limit`.", example="8g"),
+    Key("shm_size", "size", "As `shm_size`.", example="2g"),
+    Key("user", "text", "As `user`.", example='"1000"'),
+    Key("working_dir", "text", "Working directory in the container.", example="/app"),
+    Key("labels", "str_map", "Container labels.", example="{team: physics}"),
     Key("network_disabled", "bool", "`false` gives the container the bridge network (the default is none).",
-        example="true", raddeploy=True),
+        example="true"),
     Key("ipc_mode", "choice", "`private` or `shareable` (never the host's).", example="shareable",
-        raddeploy=True, choices=("private", "shareable")),
-    Key("cpu_shares", "count", "Relative CPU weight.", example="512", raddeploy=True),
-    Key("cpu_period", "count", "CFS period (microseconds).", example="100000", raddeploy=True),
-    Key("cpu_quota", "count", "CFS quota (microseconds per period).", example="200000", raddeploy=True),
-    Key("cpu_rt_period", "count", "Realtime period (microseconds).", example="1000000", raddeploy=True),
-    Key("cpu_rt_runtime", "count", "Realtime runtime (microseconds).", example="950000", raddeploy=True),
-    Key("cpuset_cpus", "text", "CPUs the container may use.", example='"0-3"', raddeploy=True),
-    Key("nano_cpus", "count", "CPU limit in billionths of a CPU.", example="2000000000", raddeploy=True),
-    Key("mem_reservation", "size", "Soft memory limit.", example="4g", raddeploy=True),
-    Key("mem_swappiness", "count", "0-100.", example="0", raddeploy=True),
-    Key("memswap_limit", "size", "Memory plus swap limit.", example="16g", raddeploy=True),
+        choices=("private", "shareable")),
+    Key("cpu_shares", "count", "Relative CPU weight.", example="512"),
+    Key("cpu_period", "count", "CFS period (microseconds).", example="100000"),
+    Key("cpu_quota", "count", "CFS quota (microseconds per period).", example="200000"),
+    Key("cpu_rt_period", "count", "Realtime period (microseconds).", example="1000000"),
+    Key("cpu_rt_runtime", "count", "Realtime runtime (microseconds).", example="950000"),
+    Key("cpuset_cpus", "text", "CPUs the container may use.", example='"0-3"'),
+    Key("nano_cpus", "count", "CPU limit in billionths of a CPU.", example="2000000000"),
+    Key("mem_reservation", "size", "Soft memory limit.", example="4g"),
+    Key("mem_swappiness", "count", "0-100.", example="0"),
+    Key("memswap_limit", "size", "Memory plus swap limit.", example="16g"),
     Key("device_read_bps", "any", "Read rate limits: a list of {Path, Rate}.",
-        example="[{Path: /dev/sda, Rate: 1048576}]", raddeploy=True),
-    Key("device_read_iops", "any", "Read IO/s limits: a list of {Path, Rate}.", example="[]", raddeploy=True),
-    Key("device_write_bps", "any", "Write rate limits: a list of {Path, Rate}.", example="[]", raddeploy=True),
-    Key("device_write_iops", "any", "Write IO/s limits: a list of {Path, Rate}.", example="[]", raddeploy=True),
-)
+        example="[{Path: /dev/sda, Rate: 1048576}]"),
+    Key("device_read_iops", "any", "Read IO/s limits: a list of {Path, Rate}.", example="[]"),
+    Key("device_write_bps", "any", "Write rate limits: a list of {Path, Rate}.", example="[]"),
+    Key("device_write_iops", "any", "Write IO/s limits: a list of {Path, Rate}.", example="[]"),
+))
 
 #: docker_kwargs that would weaken the isolation of the host, with what to do instead.
 DOCKER_KWARGS_REFUSED = {

@@ -40,12 +40,10 @@ class DicomSendOperator(BaseOperator):
                  return_to_sender_port: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.sources = list(sources)
-        self.dicom_conn_id = dicom_conn_id
-        self.host = host
-        self.port = port
-        self.ae_title = ae_title
-        self.calling_ae_title = calling_ae_title
         self.return_to_sender_port = return_to_sender_port
+        # The node, as DicomHook takes it: a connection, or given directly.
+        self.dicom_conn_id, self.calling_ae_title = dicom_conn_id, calling_ae_title
+        self.host, self.port, self.ae_title = host, port, ae_title
 
     @cached_property
     def hook(self) -> DicomHook:

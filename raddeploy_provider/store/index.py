@@ -89,8 +89,7 @@ class StoredInstance:
 
     @property
     def peer_host(self) -> str:
-        """The sender's address, without the (ephemeral) port."""
-        return self.peer.rpartition(":")[0]
+        return peer_host(self.peer)
 
 
 @dataclass(frozen=True)
@@ -124,6 +123,11 @@ class OutboxItem:
     run_id: str
     conf: dict[str, Any]
     attempts: int
+
+
+def peer_host(peer: str) -> str:
+    """The address of a peer written ``<address>:<port>``, without the (ephemeral) port."""
+    return peer.rpartition(":")[0]
 
 
 #: ``abandon_after`` for a flow whose open runs are never taken as abandoned.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 from .errors import StoreError
 from .uids import checked_uid
@@ -22,65 +23,69 @@ _RUN_PART_RE = re.compile(r"^[A-Za-z0-9_.~:+-]+$")
 SOURCE_MOUNT = "src"
 
 
-@dataclass(frozen=True)
-class RunDir:
-    """``runs/<dag_id>/<run_id>/``: everything one run reads and writes.
+class Entry:
+    """One file or folder a layout holds at ``<root>/<name>``: declared once, read as a Path.
 
-    - ``input/``: the fingerprint sensor's snapshot (hard links), the ``src`` mount;
-    - ``<mount>/``: one folder per other named mount (model outputs, read by later models);
-    - ``config/<task>/config.yaml``: a model's ``config``, mounted read-only;
-    - ``sent/<task>.json``: what a send task's node accepted (so a retry sends the rest);
-    - ``manifest.d/<part>.json`` and ``manifest.json``: the run manifest
-      (:mod:`.manifest`), with ``.manifest.lock`` guarding its rebuild.
+    ``studies = Entry("studies")`` in a layout class makes ``layout.studies`` the path
+    ``layout.root / "studies"``; the class itself lists its entries (:func:`entry_names`).
     """
 
-    path: Path
+    def __init__(self, name: str, doc: str) -> None:
+        self.name = name
+        self.__doc__ = doc
 
-    INPUT = "input"
-    CONFIG = "config"
-    SENT = "sent"
-    MANIFEST = "manifest.json"
-    MANIFEST_PARTS = "manifest.d"
-    MANIFEST_LOCK = ".manifest.lock"
-    #: Names a mount cannot take: a mount is the folder ``<run>/<name>``, and these are the
-    #: run folder itself, its parent and what the run keeps besides mounts.
-    RESERVED = frozenset({".", "..", INPUT, CONFIG, SENT, MANIFEST, MANIFEST_PARTS, MANIFEST_LOCK})
+    def __get__(self, layout: object, owner: type | None = None) -> Any:
+        return self if layout is None else layout.root / self.name  # type: ignore[attr-defined]
+
+
+def entry_names(layout: type) -> frozenset[str]:
+    """The names of every :class:`Entry` a layout class declares."""
+    return frozenset(value.name for value in vars(layout).values() if isinstance(value, Entry))
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """``runs/<dag_id>/<run_id>/``: everything one run reads and writes, and nothing else.
+
+    Every name the run folder uses itself is an :class:`Entry` here, and :data:`RESERVED`
+    (names no mount may take) is made from them: adding a file to the run folder is one
+    line in this class.
+    """
+
+    root: Path
+    #: Names a mount cannot take: a mount is the folder ``<run>/<name>``, and these are the run
+    #: folder itself, its parent and every entry the run keeps besides its mounts.
+    RESERVED: ClassVar[frozenset[str]]
+
+    input = Entry("input", "The fingerprint sensor's snapshot (hard links): the ``src`` mount.")
+    config = Entry("config", "``config/<task>/config.yaml``: a model's ``config``, mounted read-only.")
+    sent = Entry("sent", "``sent/<task>.json``: what a send task's node accepted, so a retry sends the rest.")
+    manifest = Entry("manifest.json", "The run manifest, rebuilt from its parts (:mod:`.manifest`).")
+    manifest_parts = Entry("manifest.d", "``manifest.d/<part>.json``: one part per task and one for the run.")
+    manifest_lock = Entry(".manifest.lock", "Held while manifest.json is rebuilt.")
 
     @property
     def dag_id(self) -> str:
-        return self.path.parent.name
+        return self.root.parent.name
 
     @property
     def run_id(self) -> str:
-        return self.path.name
-
-    @property
-    def input(self) -> Path:
-        return self.path / self.INPUT
+        return self.root.name
 
     def mount(self, name: str) -> Path:
         """The host folder behind a named mount: ``src`` is ``input/``, any other its own name."""
         if name in self.RESERVED:
             raise StoreError(f"{name!r} is a reserved name of the run folder, not a mount")
-        return self.input if name == SOURCE_MOUNT else self.path / name
+        return self.input if name == SOURCE_MOUNT else self.root / name
 
     def config_file(self, task_id: str) -> Path:
-        return self.path / self.CONFIG / task_id / "config.yaml"
+        return self.config / task_id / "config.yaml"
 
     def sent_ledger(self, task_id: str) -> Path:
-        return self.path / self.SENT / f"{task_id}.json"
+        return self.sent / f"{task_id}.json"
 
-    @property
-    def manifest(self) -> Path:
-        return self.path / self.MANIFEST
 
-    @property
-    def manifest_parts(self) -> Path:
-        return self.path / self.MANIFEST_PARTS
-
-    @property
-    def manifest_lock(self) -> Path:
-        return self.path / self.MANIFEST_LOCK
+RunDir.RESERVED = frozenset({".", ".."}) | entry_names(RunDir)
 
 
 @dataclass(frozen=True)
@@ -94,37 +99,21 @@ class DataDir:
     root: Path
     static_override: Path | None = None
 
-    @property
-    def studies(self) -> Path:
-        return self.root / "studies"
-
-    @property
-    def runs(self) -> Path:
-        return self.root / "runs"
-
-    @property
-    def incoming(self) -> Path:
-        """Temporary files being received; same file system as ``studies`` so rename is atomic."""
-        return self.root / "incoming"
-
-    @property
-    def index(self) -> Path:
-        return self.root / "index.sqlite3"
-
-    @property
-    def static(self) -> Path:
-        """Read-only model assets (weights), one folder per name a flow's ``static_mounts`` gives."""
-        return self.static_override or self.root / "static"
-
-    @property
-    def flow_ids(self) -> Path:
-        """The DAG-id cache of the flows folder (:mod:`raddeploy_provider.flows.id_cache`)."""
-        return self.root / "flow-ids.json"
+    studies = Entry("studies", "``<Study>/<Series>/<SOP>.dcm``: every instance as received.")
+    runs = Entry("runs", "``<dag_id>/<run_id>/``: the run folders (:class:`RunDir`).")
+    incoming = Entry("incoming", "Files being received; same file system as ``studies``, so rename is atomic.")
+    index = Entry("index.sqlite3", "The study index, run register and outbox (:mod:`.index`).")
+    flow_ids = Entry("flow-ids.json", "The DAG-id cache of the flows folder (``flows.id_cache``).")
 
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         return (self.studies / checked_uid(study_uid, "StudyInstanceUID")
                 / checked_uid(series_uid, "SeriesInstanceUID")
                 / f"{checked_uid(sop_uid, 'SOPInstanceUID')}.dcm")
+
+    @property
+    def static(self) -> Path:
+        """Read-only model assets (weights), one folder per name a flow's ``static_mounts`` gives."""
+        return self.static_override or self.root / "static"
 
     def run(self, dag_id: str, run_id: str) -> RunDir:
         for part in (dag_id, run_id):

@@ -17,7 +17,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from listener.policy import AcceptPolicy, ingest_verdict
-from raddeploy_provider.dicom.dimse import APPLICATION_CONTEXT, Status
+from raddeploy_provider.dicom.dimse import APPLICATION_CONTEXT
 from raddeploy_provider.store import InvalidUID, StoreError
 
 AE = "RADDEPLOY"
@@ -90,43 +90,30 @@ def _invalid_dicom() -> InvalidDicomError:
     raise AssertionError("pydicom read garbage")
 
 
-BAD_DATA = {
-    "not DICOM (pydicom)": _invalid_dicom(),
-    "refused by the store": StoreError("no StudyInstanceUID"),
-    "invalid UID": InvalidUID("'../etc' is not a DICOM UID"),
-    "malformed value": ValueError("invalid literal for int()"),
-    "truncated": EOFError("unexpected end of file"),
-    "truncated element": struct.error("unpack requires a buffer of 8 bytes"),
+REFUSED = (0xC000, logging.WARNING, False, "instance from STORESCU@10.1.2.3 refused: ")
+CANNOT_STORE = (0xA700, logging.ERROR, False, "cannot store an instance from STORESCU@10.1.2.3: ")
+# (what the store raised, (status, log level, with a traceback, how the log line starts))
+OUTCOMES = {
+    "not DICOM (pydicom)": (_invalid_dicom(), REFUSED),
+    "refused by the store": (StoreError("no StudyInstanceUID"), REFUSED),
+    "invalid UID": (InvalidUID("'../etc' is not a DICOM UID"), REFUSED),
+    "malformed value": (ValueError("invalid literal for int()"), REFUSED),
+    "truncated": (EOFError("unexpected end of file"), REFUSED),
+    "truncated element": (struct.error("unpack requires a buffer of 8 bytes"), REFUSED),
+    "disk full": (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), CANNOT_STORE),
+    "index full": (sqlite3.OperationalError("database or disk is full"), CANNOT_STORE),
+    "index locked": (sqlite3.OperationalError("database is locked"), CANNOT_STORE),
+    "unexpected": (RuntimeError("a bug"),
+                   (0xC000, logging.ERROR, True, "unexpected error storing an instance from STORESCU@10.1.2.3: ")),
 }
-NO_RESOURCES = {
-    "disk full": OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
-    "index full": sqlite3.OperationalError("database or disk is full"),
-    "index locked": sqlite3.OperationalError("database is locked"),
-}
 
 
-@pytest.mark.parametrize("case", BAD_DATA, ids=list(BAD_DATA))
-def test_bad_data_cannot_be_understood(case):
-    exc = BAD_DATA[case]
+@pytest.mark.parametrize("case", OUTCOMES, ids=list(OUTCOMES))
+def test_ingest_outcome_status_and_log_line(case):
+    """Bad data cannot be understood (0xC000), no room is out of resources (0xA700, the sender
+    retries), the unexpected cannot be understood and is logged with its traceback."""
+    exc, (status, level, traceback, starts) = OUTCOMES[case]
     verdict = ingest_verdict(exc)
-    assert verdict.status == Status.CANNOT_UNDERSTAND == 0xC000
-    assert verdict.level == logging.WARNING and not verdict.traceback
-    assert verdict.message % ("STORESCU", "10.1.2.3", exc) == f"instance from STORESCU@10.1.2.3 refused: {exc}"
-
-
-@pytest.mark.parametrize("case", NO_RESOURCES, ids=list(NO_RESOURCES))
-def test_no_room_is_out_of_resources(case):
-    exc = NO_RESOURCES[case]
-    verdict = ingest_verdict(exc)
-    assert verdict.status == Status.OUT_OF_RESOURCES == 0xA700
-    assert verdict.level == logging.ERROR and not verdict.traceback
+    assert (verdict.status, verdict.level, verdict.traceback) == (status, level, traceback)
     line = verdict.message % ("STORESCU", "10.1.2.3", exc)
-    assert line.startswith("cannot store an instance from STORESCU@10.1.2.3: ") and str(exc) in line
-
-
-def test_the_unexpected_cannot_be_understood_and_is_logged_with_its_traceback():
-    exc = RuntimeError("a bug")
-    verdict = ingest_verdict(exc)
-    assert verdict.status == Status.CANNOT_UNDERSTAND == 0xC000
-    assert verdict.level == logging.ERROR and verdict.traceback
-    assert "unexpected error" in verdict.message % ("STORESCU", "10.1.2.3", exc)
+    assert line.startswith(starts) and str(exc) in line

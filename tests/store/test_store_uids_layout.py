@@ -87,10 +87,10 @@ def test_instance_path_refuses_bad_uids_in_every_position(tmp_path: Path, uid: s
 def test_run_dir(tmp_path: Path, dag_id: str, run_id: str) -> None:
     data = DataDir(tmp_path)
     run = data.run(dag_id, run_id)
-    assert run.path == tmp_path / "runs" / dag_id / run_id
-    assert run.path.resolve().is_relative_to((tmp_path / "runs").resolve())
+    assert run.root == tmp_path / "runs" / dag_id / run_id
+    assert run.root.resolve().is_relative_to((tmp_path / "runs").resolve())
     assert (run.dag_id, run.run_id) == (dag_id, run_id)
-    run.path.mkdir(parents=True)
+    run.root.mkdir(parents=True)
     assert data.find_runs(run_id) == [run] == data.find_runs(run_id, dag_id)
     assert data.find_runs(run_id, "other_flow") == []
 
@@ -106,13 +106,13 @@ def test_run_dir_refuses_names_that_are_not_one_plain_folder(tmp_path: Path, par
 
 def test_run_folder_entries(tmp_path: Path) -> None:
     run = DataDir(tmp_path).run("flow", "1.2.1")
-    assert run.mount("src") == run.input == run.path / "input"
-    assert run.mount("seg") == run.path / "seg"
-    assert run.config_file("segment") == run.path / "config" / "segment" / "config.yaml"
-    assert run.sent_ledger("send_0_tps") == run.path / "sent" / "send_0_tps.json"
-    assert (run.manifest, run.manifest_parts) == (run.path / "manifest.json", run.path / "manifest.d")
+    assert run.mount("src") == run.input == run.root / "input"
+    assert run.mount("seg") == run.root / "seg"
+    assert run.config_file("segment") == run.root / "config" / "segment" / "config.yaml"
+    assert run.sent_ledger("send_0_tps") == run.root / "sent" / "send_0_tps.json"
+    assert (run.manifest, run.manifest_parts) == (run.root / "manifest.json", run.root / "manifest.d")
     # Every name the run folder uses itself is reserved, so no mount can land on it.
-    used = {p.relative_to(run.path).parts[0] for p in (
+    used = {p.relative_to(run.root).parts[0] for p in (
         run.input, run.config_file("t"), run.sent_ledger("t"), run.manifest, run.manifest_parts, run.manifest_lock)}
     assert used | {".", ".."} == RunDir.RESERVED
     for name in RunDir.RESERVED:
