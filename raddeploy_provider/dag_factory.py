@@ -16,10 +16,10 @@ from airflow.sdk import DAG, get_parsing_context
 from raddeploy_provider.config import load_settings
 from raddeploy_provider.flows import Flow, FlowError, id_cache, load_flow, load_flows
 from raddeploy_provider.flows.graph import SENSOR_TASK, return_task_id, send_task_id, task_edges
-from raddeploy_provider.units import slug
 from raddeploy_provider.operators.dicom_send import DicomSendOperator
 from raddeploy_provider.operators.model import ModelOperator
 from raddeploy_provider.sensors.fingerprint import FingerprintSensor
+from raddeploy_provider.units import slug
 
 log = logging.getLogger(__name__)
 

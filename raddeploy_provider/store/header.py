@@ -191,7 +191,7 @@ def _walk(fh: IO[bytes], size: int) -> header_walk.Walked | None:
     # data): map the file rather than read it, so the values the walker skips stay on disk.
     with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
         try:
-            return header_walk.walk(mapped)
+            return header_walk.walk(mapped, whole_file=True)
         except (header_walk.Unsupported, header_walk.NeedMore, struct.error, UnicodeDecodeError, ValueError):
             return None
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-
 import pytest
 
-from peers import StoreSCP, free_port
-from raddeploy_provider.airflow_client import AirflowClient
+from peers import StoreSCP
 from raddeploy.embedded import EmbeddedStack
+from raddeploy_provider.airflow_client import AirflowClient
+from stack_factory import running_stack
 
 FLOW = """
 name: E2E CT threshold
@@ -39,16 +39,11 @@ def destination(tmp_path_factory) -> StoreSCP:
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory, destination, docker_ready) -> EmbeddedStack:
     home = tmp_path_factory.mktemp("home")
-    flows = home / "flows"
-    flows.mkdir()
-    (flows / "e2e.yaml").write_text(FLOW.format(port=destination.port, ae=destination.ae_title))
     # Two pretend GPUs, given to containers through NVIDIA_VISIBLE_DEVICES (no GPU needed).
     gpus = {"RADDEPLOY_GPUS": "0,1", "RADDEPLOY_GPU_MODE": "env", "RADDEPLOY_GPU_LOCK_DIR": str(home / "gpu-locks")}
-    stack = EmbeddedStack(home=home, flows_dir=flows, api_port=free_port(), dicom_port=free_port(),
-                          listen_host="127.0.0.1", extra_env=gpus)
-    stack.start()
-    yield stack
-    stack.stop()
+    with running_stack(home, {"e2e.yaml": FLOW.format(port=destination.port, ae=destination.ae_title)},
+                       extra_env=gpus) as started:
+        yield started
 
 
 @pytest.fixture(scope="session")

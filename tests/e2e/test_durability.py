@@ -15,7 +15,6 @@ import sqlite3
 import subprocess
 import time
 import urllib.parse
-from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -23,9 +22,10 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from dicom_factory import make_series
-from raddeploy_provider.airflow_client import AirflowClient
-from peers import DCMTK_ENV, StoreSCP, free_port, partial_files, require_tool, storescu, wait_for
+from peers import DCMTK_ENV, StoreSCP, partial_files, require_tool, storescu, wait_for
 from raddeploy.embedded import EmbeddedStack
+from raddeploy_provider.airflow_client import AirflowClient
+from stack_factory import push_settled, query, running_stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -62,18 +62,9 @@ def dur_destination(tmp_path_factory) -> StoreSCP:
 
 @pytest.fixture(scope="module")
 def dur_stack(tmp_path_factory, dur_destination, docker_ready) -> EmbeddedStack:
-    home = tmp_path_factory.mktemp("dur-home")
-    flows = home / "flows"
-    flows.mkdir()
-    (flows / "durability.yaml").write_text(FLOW.format(dag_id=DAG_ID, quiet=QUIET, port=dur_destination.port,
-                                                       ae=dur_destination.ae_title))
-    stack = EmbeddedStack(home=home, flows_dir=flows, api_port=free_port(), dicom_port=free_port(),
-                          listen_host="127.0.0.1")
-    started = time.monotonic()
-    stack.start()
-    print(f"\n[durability] stack started in {time.monotonic() - started:.1f} s (home {home})")
-    yield stack
-    stack.stop()
+    flow = FLOW.format(dag_id=DAG_ID, quiet=QUIET, port=dur_destination.port, ae=dur_destination.ae_title)
+    with running_stack(tmp_path_factory.mktemp("dur-home"), {"durability.yaml": flow}) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="module")
@@ -91,13 +82,6 @@ def shared() -> dict:
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def query(stack: EmbeddedStack, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
-    """A read of the listener's index (SQLite WAL: readers never block its writer)."""
-    with closing(sqlite3.connect(stack.data_dir / "index.sqlite3", timeout=30)) as db:
-        db.row_factory = sqlite3.Row
-        return db.execute(sql, args).fetchall()
 
 
 def indexed_sops(stack: EmbeddedStack, study_uid: str) -> list[str]:
@@ -218,11 +202,10 @@ def test_new_series_opens_next_generation_and_resend_opens_nothing(dur_stack, du
     assert {sop_of(p) for p in ct2.files + mr2.files} <= got  # the new generation sees the new series
     assert got == {sop_of(p) for p in before + ct2.files + mr2.files}  # (and the whole study as it is now)
 
-    # Exactly the same files again: duplicates, no third generation.
+    # Exactly the same files again: duplicates, no third generation. Once the listener has
+    # decided about every instance and posted every trigger, a third run would be in both.
     everything = before + ct2.files + mr2.files
-    pushed = storescu(stack.dicom_port, everything)
-    assert pushed.returncode == 0, pushed.stderr
-    time.sleep(QUIET + 5)  # past the quiet period plus outbox and scheduler latency
+    push_settled(stack, everything)
     assert [r["dag_run_id"] for r in study_runs(airflow, study_uid)] == [f"{study_uid}.1", run2]
     registered = query(stack, "SELECT run_id FROM runs WHERE study_uid = ? ORDER BY generation", (study_uid,))
     assert [r["run_id"] for r in registered] == [f"{study_uid}.1", run2]

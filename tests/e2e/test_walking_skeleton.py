@@ -11,8 +11,9 @@ import time
 import pytest
 from pydicom import dcmread
 
-from peers import storescu, wait_for
 from dicom_factory import make_series
+from peers import storescu, wait_for
+from stack_factory import push_settled, query
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -51,10 +52,11 @@ def test_push_runs_model_and_delivers_derived_series(stack, airflow, destination
                              and r["state"] == "success"], 60, "the run to succeed")
     assert runs[0]["conf"] == {"study_uid": series.study_uid, "generation": 1}  # UIDs only
 
-    # Pushing the same study again opens no second run and sends nothing more.
-    again = storescu(stack.dicom_port, series.files + scout.files)
-    assert again.returncode == 0, again.stderr
-    time.sleep(8)  # longer than the quiet period plus the outbox and scheduler latency
+    # Pushing the same study again opens no second run and sends nothing more. Once the listener
+    # has decided about every instance and posted every trigger, a second run would be in both.
+    push_settled(stack, series.files + scout.files)
     study_runs = [r for r in airflow.dag_runs(DAG_ID) if r["dag_run_id"].startswith(series.study_uid)]
     assert [r["dag_run_id"] for r in study_runs] == [run_id]
+    registered = query(stack, "SELECT run_id FROM runs WHERE dag_id = ? AND study_uid = ?", (DAG_ID, series.study_uid))
+    assert [r["run_id"] for r in registered] == [run_id]
     assert len(set(destination.files()) - before) == 6

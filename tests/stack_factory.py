@@ -1,0 +1,87 @@
+"""The embedded stack of the e2e tests: started with given flow files, and read back.
+
+``running_stack`` is how every e2e test gets an EmbeddedStack: the session stack of
+tests/e2e/conftest.py, and test_durability's own (it stops and restarts Airflow and the
+listener, so it never shares). The readers are the listener's own records, the positive
+signals a test waits for before it asserts that nothing more happened: its index, run
+register and trigger outbox (``<data>/index.sqlite3``) and its log (one line per association
+released). ``push_settled`` waits on all of them.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from pathlib import Path
+
+from pydicom import dcmread
+
+from peers import free_port, storescu, wait_for
+from raddeploy.embedded import EmbeddedStack
+
+#: The listener's log line for an association the sender released (listener/association.py).
+RELEASED = re.compile(r"association from \S*@\S+ released after (\d+) instances")
+
+
+@contextmanager
+def running_stack(home: Path, flows: dict[str, str], extra_env: dict[str, str] | None = None,
+                  ) -> Iterator[EmbeddedStack]:
+    """A stack under ``home`` with these flow files (file name -> YAML), on free ports of 127.0.0.1; stopped after."""
+    flows_dir = home / "flows"
+    flows_dir.mkdir()
+    for name, text in flows.items():
+        (flows_dir / name).write_text(text)
+    stack = EmbeddedStack(home=home, flows_dir=flows_dir, api_port=free_port(), dicom_port=free_port(),
+                          listen_host="127.0.0.1", extra_env=extra_env or {})
+    started = time.monotonic()
+    stack.start()
+    print(f"\n[e2e] stack started in {time.monotonic() - started:.1f} s (home {home})")
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+def query(stack: EmbeddedStack, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+    """A read of the listener's index (SQLite WAL: readers never block its writer)."""
+    with closing(sqlite3.connect(stack.data_dir / "index.sqlite3", timeout=30)) as db:
+        db.row_factory = sqlite3.Row
+        return db.execute(sql, args).fetchall()
+
+
+def released(stack: EmbeddedStack) -> list[int]:
+    """How many instances each association the listener released had stored, oldest first (from its log)."""
+    log = stack.logs_dir / "listener.log"
+    return [int(n) for n in RELEASED.findall(log.read_text(errors="replace"))] if log.exists() else []
+
+
+def pending_triggers(stack: EmbeddedStack) -> list[sqlite3.Row]:
+    """Outbox rows not yet posted to Airflow."""
+    return query(stack, "SELECT dag_id, run_id, attempts, last_error FROM outbox WHERE delivered_at IS NULL")
+
+
+def push_settled(stack: EmbeddedStack, files: list[Path], timeout: float = 60) -> subprocess.CompletedProcess:
+    """Push ``files`` in one association and wait until the listener has caught up with them.
+
+    Caught up: the association was released with every instance stored (each C-STORE answered:
+    the instance is in the index, with any run it opened and that run's trigger, in one
+    transaction), every instance is in the index, and the outbox has posted every trigger.
+    A run this push opened then shows in the index's ``runs`` and in Airflow: a test may
+    assert that none did.
+    """
+    before = len(released(stack))
+    pushed = storescu(stack.dicom_port, files)
+    assert pushed.returncode == 0, pushed.stderr
+    counts = wait_for(lambda: released(stack)[before:], timeout, "the listener to log the push's association released")
+    assert counts == [len(files)], f"associations released since the push, instances stored by each: {counts}"
+    sops = {dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files}
+    marks = ",".join("?" * len(sops))
+    indexed = {r["sop_uid"] for r in query(stack, f"SELECT sop_uid FROM instances WHERE sop_uid IN ({marks})",
+                                           tuple(sops))}
+    assert indexed == sops, f"{len(sops - indexed)} pushed instances are not in the index"
+    wait_for(lambda: not pending_triggers(stack), timeout, "the outbox to post every trigger to Airflow")
+    return pushed
