@@ -11,9 +11,8 @@ from __future__ import annotations
 import logging
 import threading
 
-from raddeploy_provider.store import StudyIndex
-
 from raddeploy_provider.airflow_client import AirflowClient, AirflowUnavailable, TriggerRejected
+from raddeploy_provider.store import StudyIndex
 
 log = logging.getLogger("raddeploy.listener.outbox")
 

@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+from raddeploy_provider.airflow_client import AirflowClient
 from raddeploy_provider.config import Settings, configure_logging, load_settings
 from raddeploy_provider.dicom.dimse import Status
 from raddeploy_provider.flows import matched_triggers
@@ -19,7 +20,6 @@ from raddeploy_provider.flows.registry import FlowRegistry
 from raddeploy_provider.store import IngestResult, StudyStore
 from raddeploy_provider.store.header import InstanceHeader
 
-from raddeploy_provider.airflow_client import AirflowClient
 from .association import Sender
 from .outbox import OutboxDelivery
 from .policy import AcceptPolicy, ingest_verdict

@@ -1,7 +1,9 @@
-"""A small client for the two Airflow REST calls the listener makes (no Airflow import).
+"""A small client of Airflow's REST API, with no Airflow import: the core's one way to Airflow.
 
-``POST /auth/token`` for a JWT (renewed on 401), ``POST /api/v2/dags/{dag_id}/dagRuns`` to
-trigger a run with a deterministic run id. 409 means the run exists: the trigger is done.
+The listener triggers runs with it (``POST /api/v2/dags/{dag_id}/dagRuns`` with a
+deterministic run id; 409 means the run exists: the trigger is done), the provider's tasks
+keep run notes, the embedded deployment sets the GPU pool. ``POST /auth/token`` gives a JWT,
+renewed on 401.
 """
 
 from __future__ import annotations
