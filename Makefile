@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install system images clean bench bench-ingest
+.PHONY: run test install system images clean bench bench-ingest bench-send
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,17 +30,19 @@ test: install images
 clean:
 	rm -rf $(VENV) .raddeploy
 
-# Both benchmarks: end-to-end latency, then receive throughput (bench-ingest).
-bench: install images bench-ingest
+# The benchmarks: receive throughput (bench-ingest), send throughput (bench-send), then
+# end-to-end latency and GPU slots.
+bench: install images bench-ingest bench-send
 	$(PY) bench/e2e_latency.py
 	$(PY) bench/gpu_slots.py
 
 # Receive throughput of the listener against cp, DCMTK storescp and Orthanc (~3 min on 2 cores;
 # the first run also makes its data sets, ~40 s, cached in $TMPDIR/raddeploy-bench-cache).
+# `system` (scripts/ensure-system.sh) installs dcmtk and orthanc.
 bench-ingest: install system
-	@command -v Orthanc >/dev/null 2>&1 || { \
-	  echo "bench-ingest: installing orthanc"; \
-	  SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO="sudo"; \
-	  $$SUDO apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq orthanc >/dev/null; }
 	$(PY) bench/ingest.py
+
+# Send throughput of dicom/scu.py's send_files against DCMTK storescu, both to storescp
+# (~1 min on 2 cores; data sets shared with bench-ingest's cache). `system` installs dcmtk.
+bench-send: install system
+	$(PY) bench/send.py

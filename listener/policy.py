@@ -6,7 +6,6 @@ check, ``shutil.disk_usage`` of the store's file system, made once per associati
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import shutil
 import sqlite3
@@ -17,6 +16,7 @@ from struct import error as struct_error
 from pydicom.errors import InvalidDicomError
 from pynetdicom.presentation import PresentationContext
 
+from raddeploy_provider.dicom.allowlist import AllowList, Network
 from raddeploy_provider.dicom.dimse import (
     APPLICATION_CONTEXT,
     PROVIDER_LOCAL_LIMIT_EXCEEDED,
@@ -62,7 +62,7 @@ class AcceptPolicy:
     ae_title: str
     check_called_ae: bool = True
     allowed_calling: frozenset[str] = frozenset()  # empty: any calling AE title
-    allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    allowed_networks: tuple[Network, ...] = ()
     min_free_disk: int = 0
     store_dir: Path | None = None
     contexts: list[PresentationContext] = field(default_factory=list)
@@ -70,15 +70,16 @@ class AcceptPolicy:
     def refusal(self, called: str, calling: str, address: str, application_context: str) -> Refusal | None:
         """Why a request to associate is refused (called and calling AE titles, the peer's IP
         address, the application context name asked for), or None: accepted."""
-        if self.allowed_networks:
-            ip = ipaddress.ip_address(address.split("%")[0])
-            if not any(ip in net for net in self.allowed_networks):
-                return Refusal.permanent(USER_NO_REASON, f"address {address} is not in RADDEPLOY_ALLOWED_NETWORKS")
+        allow = AllowList(self.allowed_calling, self.allowed_networks)
+        why = allow.address_refusal(address)
+        if why:
+            return Refusal.permanent(USER_NO_REASON, why)
         if self.check_called_ae and called != self.ae_title:
             return Refusal.permanent(USER_CALLED_AE_NOT_RECOGNIZED,
                                      f"called AE title {called!r} is not {self.ae_title!r}")
-        if self.allowed_calling and calling not in self.allowed_calling:
-            return Refusal.permanent(USER_CALLING_AE_NOT_RECOGNIZED, f"calling AE title {calling!r} is not allowed")
+        why = allow.calling_refusal(calling)
+        if why:
+            return Refusal.permanent(USER_CALLING_AE_NOT_RECOGNIZED, why)
         if self.min_free_disk and self.store_dir is not None:
             free = shutil.disk_usage(self.store_dir).free
             if free < self.min_free_disk:

@@ -5,7 +5,6 @@ Run as ``raddeploy listen``. Needs no Airflow installation: it reaches Airflow o
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import signal
 import threading
@@ -14,6 +13,7 @@ from pathlib import Path
 
 from raddeploy_provider.airflow_client import AirflowClient
 from raddeploy_provider.config import Settings, configure_logging, load_settings
+from raddeploy_provider.dicom.allowlist import AllowList
 from raddeploy_provider.dicom.dimse import Status
 from raddeploy_provider.flows import matched_triggers
 from raddeploy_provider.flows.registry import FlowRegistry
@@ -42,10 +42,10 @@ class Listener:
         self.outbox = OutboxDelivery(self.store.index, self.client)
         self._stopping = threading.Event()
         self._hasher = threading.Thread(target=self._hash_when_idle, name="hasher", daemon=True)
+        allow = AllowList.parse(settings.allowed_calling_aets, settings.allowed_networks)
         policy = AcceptPolicy(
             settings.ae_title, check_called_ae=settings.check_called_ae,
-            allowed_calling=frozenset(settings.allowed_calling_aets),
-            allowed_networks=tuple(ipaddress.ip_network(n, strict=False) for n in settings.allowed_networks),
+            allowed_calling=allow.calling, allowed_networks=allow.networks,
             min_free_disk=settings.min_free_disk, store_dir=settings.data_dir,
         )
         tls = None

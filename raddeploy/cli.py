@@ -1,9 +1,10 @@
-"""The ``raddeploy`` command. Airflow is imported lazily: only ``run`` needs it."""
+"""The ``raddeploy`` command. Airflow is imported lazily: only ``run`` and a connection id need it."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -15,6 +16,7 @@ from raddeploy_provider.config import configure_logging, load_settings
 from raddeploy_provider.units import format_duration
 
 if TYPE_CHECKING:
+    from raddeploy_provider.dicom.scu import Node
     from raddeploy_provider.flows import Flow, FlowError, FlowWarning, LoadResult
     from raddeploy_provider.store import InstanceHeader
 
@@ -268,6 +270,202 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
     return 0
 
 
+class TargetError(ValueError):
+    """A TARGET, option, path or connection that names no usable node (exit 2)."""
+
+
+#: How the command line names the node's fields in its messages.
+OPTION_LABELS = {"host": "the host", "port": "the port", "ae_title": "the AE title", "tls": "--tls",
+                 "tls_ca_file": "--ca", "tls_cert_file": "--cert", "tls_key_file": "--key",
+                 "tls_verify_hostname": "--no-verify-hostname", "calling_ae_title": "--calling-ae",
+                 "timeout": "--timeout", "connect_timeout": "--connect-timeout",
+                 "max_associations": "--associations"}
+TARGET_FORM = "AE@HOST:PORT (e.g. PACS@pacs.hospital.local:104) or an Airflow connection id"
+
+#: Exit codes of echo and send (their --help lists them).
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+ECHO_EXIT_CODES = """exit codes:
+  0  the node answered the C-ECHO with success (0x0000)
+  1  the node associated but answered another status
+  2  a bad TARGET, option or connection (the message names the field and what to set)
+  3  the node could not be reached: no association (the message says the cause and what to check)"""
+SEND_EXIT_CODES = """exit codes:
+  0  every instance was stored (accepted, or accepted with a warning status)
+  1  some file was not accepted: refused by the node, not sent after a lost association, or not
+     DICOM; each is listed (SOP Instance UID, status, reason)
+  2  a bad TARGET, option, PATH or connection (the message says what to fix)
+  3  the node could not be reached: no association, nothing sent (the message says why)"""
+
+
+def parse_address(target: str) -> dict[str, object] | None:
+    """``AE@HOST:PORT`` (``AE@[v6]:PORT``) as host, port and ae_title; None for a connection id."""
+    if "@" not in target:
+        if ":" in target or "/" in target:
+            raise TargetError(f"target {target!r}: no AE title: write {TARGET_FORM}")
+        return None
+    ae, _, address = target.rpartition("@")
+    if not ae.strip():
+        raise TargetError(f"target {target!r}: the AE title before '@' is empty: write {TARGET_FORM}")
+    if address.startswith("["):
+        host, bracket, rest = address[1:].partition("]")
+        if not bracket or not rest.startswith(":"):
+            raise TargetError(f"target {target!r}: write an IPv6 address in brackets, then the port: AE@[::1]:104")
+        port = rest[1:]
+    else:
+        host, colon, port = address.rpartition(":")
+        if not colon:
+            raise TargetError(f"target {target!r}: no port: write {TARGET_FORM}")
+        if ":" in host:
+            raise TargetError(f"target {target!r}: write an IPv6 address in brackets: AE@[::1]:104")
+    if not host:
+        raise TargetError(f"target {target!r}: no host between '@' and ':': write {TARGET_FORM}")
+    if not port.isdigit():
+        raise TargetError(f"target {target!r}: the port {port!r} is not a number: write {TARGET_FORM}")
+    return {"host": host, "port": int(port), "ae_title": ae}
+
+
+def _node_options(args: argparse.Namespace) -> dict[str, object]:
+    """The fields the options set (None: not given: the connection's value, or the default)."""
+    return {"tls": args.tls, "tls_ca_file": args.ca, "tls_cert_file": args.cert, "tls_key_file": args.key,
+            "tls_verify_hostname": args.verify_hostname, "calling_ae_title": args.calling_ae,
+            "timeout": args.timeout, "connect_timeout": args.connect_timeout,
+            "max_associations": getattr(args, "associations", None)}
+
+
+def _connection_node(conn_id: str, options: dict[str, object]) -> Node:
+    """The node of an Airflow connection (AIRFLOW_CONN_<ID> or the metadata DB), through DicomHook."""
+    # Look in the metadata DB too, as `airflow connections get` does: outside a task, the SDK
+    # reads only the environment and external secrets backends unless told it runs as a server.
+    os.environ.setdefault("_AIRFLOW_PROCESS_CONTEXT", "server")
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):  # Airflow's start-up lines only with -v
+        logging.getLogger("airflow").setLevel(logging.WARNING)
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    from raddeploy_provider.hooks.dicom import DicomHook
+
+    hook = DicomHook(dicom_conn_id=conn_id, **{k: v for k, v in options.items() if v is not None})
+    try:
+        return hook.node()
+    except AirflowNotFoundException:
+        env = f"AIRFLOW_CONN_{conn_id.upper()}"
+        if os.environ.get(env):
+            from airflow.sdk.definitions.connection import Connection
+
+            value = os.environ[env]
+            try:  # Airflow skips a connection it cannot parse as "not defined": say why
+                if value.lstrip().startswith("{"):
+                    Connection.from_json(value, conn_id=conn_id)
+                else:
+                    Connection.from_uri(value, conn_id=conn_id)
+                why = "Airflow could not read it"
+            except Exception as exc:
+                why = str(exc)
+            raise TargetError(f"connection {conn_id!r}: {env} is set but is not a connection ({why}): give JSON "
+                              '{"conn_type": "dicom", "host": ..., "port": ..., "extra": {"ae_title": ...}} '
+                              "or a URI dicom://HOST:PORT?ae_title=AE") from None
+        raise TargetError(f"no connection {conn_id!r} in {env} or Airflow's metadata DB (AIRFLOW_HOME="
+                          f"{os.environ.get('AIRFLOW_HOME', '~/airflow')}): create it (docs/connections.md), "
+                          f"or give the node as {TARGET_FORM}") from None
+    except ValueError as exc:
+        raise TargetError(str(exc)) from None
+
+
+def resolve_target(target: str, options: dict[str, object]) -> Node:
+    """The node TARGET names, the options on top; TargetError saying what to fix."""
+    from raddeploy_provider.hooks.dicom_node import build_node
+
+    address = parse_address(target)
+    if address is None:
+        return _connection_node(target, options)
+    try:
+        return build_node({**options, **address}, f"target {target!r}", OPTION_LABELS)
+    except ValueError as exc:
+        raise TargetError(str(exc)) from None
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from raddeploy_provider.hooks.dicom_node import echo_outcome
+
+    try:
+        node = resolve_target(args.target, _node_options(args))
+    except TargetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    outcome, message = echo_outcome(node)
+    print(message if outcome == "ok" else f"error: {message}", file=sys.stdout if outcome == "ok" else sys.stderr)
+    return {"ok": EXIT_OK, "refused": EXIT_REFUSED}.get(outcome, EXIT_UNREACHABLE)
+
+
+def _files(paths: list[str]) -> list[Path]:
+    """Every file named, and every file under each folder named (recursively), in order, once."""
+    found: dict[Path, None] = {}
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            found.update(dict.fromkeys(sorted(p for p in path.rglob("*") if p.is_file())))
+        elif path.is_file():
+            found[path] = None
+        else:
+            raise TargetError(f"{path}: no such file or folder")
+    return list(found)
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from raddeploy_provider.dicom.scu import send_files
+
+    try:
+        files = _files(args.paths)
+        node = resolve_target(args.to, _node_options(args))
+    except TargetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if not files:
+        print(f"error: no files under {', '.join(args.paths)}", file=sys.stderr)
+        return EXIT_USAGE
+    if not args.json:
+        print(f"sending {_plural(len(files), 'file')} to {node} ...", flush=True)
+    report = send_files(node, files)
+    refused, warned = report.refused, report.warned
+    if args.json:
+        print(json.dumps(report.summary(), indent=2))
+    else:
+        print(f"{report.node}: {len(report.results) - len(refused)} accepted ({len(warned)} with a warning), "
+              f"{len(refused)} not accepted")
+        if report.unreachable:  # nothing was sent: list only the files that were not DICOM
+            print(f"unreachable: {report.unreachable}")
+            refused = [r for r in refused if r.reason != "not sent"]
+        for title, results in (("not accepted", refused), ("accepted with a warning", warned)):
+            if results:
+                print(f"{title} ({len(results)}): SOP Instance UID, status, reason")
+                for r in results:
+                    status = "no status" if r.status is None else f"0x{r.status:04X}"
+                    reason = r.reason.removeprefix(f"status {status}: ")
+                    print(f"  {r.sop_instance_uid or r.path}  {status}  {reason}".rstrip())
+    if report.ok:
+        return EXIT_OK
+    if report.unreachable and not any(r.status is not None for r in refused):
+        return EXIT_UNREACHABLE
+    return EXIT_REFUSED
+
+
+def _add_node_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls", action="store_const", const=True, default=None,
+                   help="associate over TLS (default: off, or the connection's tls)")
+    p.add_argument("--ca", metavar="FILE", help="PEM bundle of the CAs that sign the node's certificate "
+                                                "(default: the system's CAs); needs --tls")
+    p.add_argument("--cert", metavar="FILE", help="our client certificate (PEM); needs --tls")
+    p.add_argument("--key", metavar="FILE", help="the client certificate's private key (PEM); needs --cert")
+    p.add_argument("--no-verify-hostname", dest="verify_hostname", action="store_const", const=False,
+                   default=None, help="do not check that the node's certificate names its host")
+    p.add_argument("--calling-ae", metavar="AE", help="our AE title (default: RADDEPLOY, or the connection's)")
+    p.add_argument("--timeout", type=float, metavar="S",
+                   help="seconds each wait for the node may take once connected (default: 30, or the "
+                        "connection's)")
+    p.add_argument("--connect-timeout", type=float, metavar="S",
+                   help="seconds for the TCP connection, TLS handshake and association answer (default: 10, "
+                        "or the connection's)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="raddeploy", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -298,6 +496,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_id", help="the run id, e.g. <StudyInstanceUID>.1")
     p.add_argument("--dag", help="the flow's DAG id, when several flows ran on the study")
     p.set_defaults(func=cmd_runs_show)
+
+    target_help = (f"the node: {TARGET_FORM} (from AIRFLOW_CONN_<ID> or Airflow's metadata DB; "
+                   "Airflow is imported only then); options given override the connection's fields")
+    p = sub.add_parser("echo", help="C-ECHO a DICOM node, as the connection's Test button does",
+                       description="C-ECHO a DICOM node and print its status.", epilog=ECHO_EXIT_CODES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("target", metavar="TARGET", help=target_help)
+    _add_node_options(p)
+    p.set_defaults(func=cmd_echo)
+
+    p = sub.add_parser("send", help="send DICOM files to a node, as a flow's destination does",
+                       description="Send DICOM files (folders: every file under them) to a node; print the "
+                                   "counts and every refused instance.", epilog=SEND_EXIT_CODES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="DICOM files or folders (searched recursively)")
+    p.add_argument("--to", required=True, metavar="TARGET", help=target_help)
+    _add_node_options(p)
+    p.add_argument("--associations", type=int, metavar="N",
+                   help="associations to open at once (default: 1 or the connection's max_associations)")
+    p.add_argument("--json", action="store_true", help="print the send report as one JSON document")
+    p.set_defaults(func=cmd_send)
 
     p = sub.add_parser("run", help="the embedded default: Airflow standalone + listener, in the foreground")
     p.add_argument("--home", default=".raddeploy", help="state folder (default: .raddeploy)")

@@ -82,6 +82,8 @@ class EmbeddedStack:
             "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "5",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,listener:user",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.home / "passwords.json"),
+            # The "Test" button of a connection (a dicom one answers with a C-ECHO); Airflow: Disabled.
+            "AIRFLOW__CORE__TEST_CONNECTION": os.environ.get("AIRFLOW__CORE__TEST_CONNECTION", "Enabled"),
             "RADDEPLOY_DATA": str(self.data_dir),
             "RADDEPLOY_FLOWS": str(self.flows_dir),
             "RADDEPLOY_AIRFLOW_URL": self.api_url,

@@ -83,6 +83,10 @@ class AirflowClient:
         """An authenticated GET of an API path (``/api/v2/...``): the HTTP status and the JSON body."""
         return self._request("GET", path, None)
 
+    def post(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+        """An authenticated POST of a JSON body to an API path: the HTTP status and the JSON body."""
+        return self._request("POST", path, body)
+
     def dag_runs(self, dag_id: str) -> list[dict[str, Any]]:
         """The DAG's runs as the REST API lists them (run id, state, conf, ...)."""
         status, payload = self.get(f"/api/v2/dags/{urllib.parse.quote(dag_id, safe='')}/dagRuns?limit=100")

@@ -57,14 +57,16 @@ def build_dag(flow: Flow) -> DAG:
                 flow_id=flow.dag_id,
                 flow_version=flow.version,
                 flow_extra=flow.extra,
+                provenance=flow.provenance,
                 retries=model.retries,
                 execution_timeout=timedelta(seconds=model.timeout) if model.timeout else None,
                 **gpu,
                 **weight,
             )
         senders = [m for m in flow.models if m.sent_outputs]
-        send_args = dict(sources=[out for m in senders for out in m.sent_outputs], retries=SEND_RETRIES,
-                         retry_delay=timedelta(seconds=10), retry_exponential_backoff=True, **weight)
+        send_args = dict(sources=[out for m in senders for out in m.sent_outputs], check_patient=not flow.new_patient,
+                         check_study=not flow.new_study, retries=SEND_RETRIES,
+                         retry_delay=timedelta(seconds=10), retry_exponential_backoff=2.0, **weight)
         for i, dest in enumerate(flow.destinations):
             tasks[send_task_id(i, dest)] = DicomSendOperator(
                 task_id=send_task_id(i, dest), dicom_conn_id=dest.connection, host=dest.host, port=dest.port,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from raddeploy_provider import __version__
+from raddeploy_provider.hooks.dicom_node import FIELDS
 
 
 def get_provider_info() -> dict:
@@ -23,14 +24,15 @@ def get_provider_info() -> dict:
             "connection-type": "dicom",
             "hook-class-name": "raddeploy_provider.hooks.dicom.DicomHook",
             "hook-name": "DICOM node",
-            "conn-fields": {
-                "ae_title": {"label": "Called AE title", "schema": {"type": ["string", "null"]}},
-                "calling_ae_title": {"label": "Calling AE title", "schema": {"type": ["string", "null"]}},
-            },
+            # Airflow 3.2+ reads the form from here (the hook's form methods are deprecated): each
+            # field's schema as JSON schema, its label as the title; stored in extra under its name.
+            "conn-fields": {field.name: {"label": field.label, "description": field.description,
+                                         "schema": field.schema()} for field in FIELDS},
             "ui-field-behaviour": {
                 "hidden-fields": ["schema", "login", "password"],
                 "relabeling": {"host": "Host", "port": "Port"},
-                "placeholders": {"host": "pacs.hospital.local", "port": "104"},
+                "placeholders": {"host": "pacs.hospital.local", "port": "104",
+                                 **{field.name: field.placeholder for field in FIELDS if field.placeholder}},
             },
         }],
     }

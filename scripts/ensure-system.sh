@@ -19,6 +19,30 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
+# Orthanc (a real PACS peer for tests, and a receiver in bench/ingest.py), on its own: its
+# package would start its system service (ports 4242 and 8042); tests and the benchmark run
+# their own instances with their own config and ports, so a policy-rc.d forbids that start
+# (the usual Debian way; kept if the machine has one), and under systemd it is not enabled
+# at boot either.
+# Debian installs it as /usr/sbin/Orthanc, not on a normal user's PATH.
+if ! command -v Orthanc >/dev/null 2>&1 && [ ! -x /usr/sbin/Orthanc ]; then
+  echo "ensure-system: installing orthanc (its system service left stopped)"
+  made_policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+    $SUDO chmod 755 /usr/sbin/policy-rc.d
+    made_policy=1
+  fi
+  status=0
+  { [ ${#need[@]} -gt 0 ] || $SUDO apt-get update -qq; } &&
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq orthanc >/dev/null || status=$?
+  [ -z "$made_policy" ] || $SUDO rm -f /usr/sbin/policy-rc.d
+  [ "$status" -eq 0 ] || { echo "ensure-system: installing orthanc failed" >&2; exit "$status"; }
+  # invoke-rc.d honours the policy; without invoke-rc.d the postinst runs the init script itself
+  [ ! -x /etc/init.d/orthanc ] || $SUDO /etc/init.d/orthanc stop >/dev/null 2>&1 || true
+  [ ! -d /run/systemd/system ] || $SUDO systemctl disable orthanc >/dev/null 2>&1 || true
+fi
+
 # A Docker engine: use the one that answers, else start Debian's dockerd (no systemd here).
 if ! docker info >/dev/null 2>&1; then
   echo "ensure-system: starting dockerd (log: /var/log/raddeploy-dockerd.log)"

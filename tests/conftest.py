@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from orthanc import Orthanc
 from peers import StoreSCP, require_tool
 
 
@@ -34,3 +35,12 @@ def pytest_configure(config: pytest.Config) -> None:
     import tempfile
 
     os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="raddeploy-test-airflow-"))
+
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path):
+    """A fresh Orthanc, AE title ORTHANC, accepting every transfer syntax; see tests/orthanc.py."""
+    peer = Orthanc(tmp_path / "orthanc")
+    yield peer
+    peer.stop()

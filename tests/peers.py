@@ -41,15 +41,21 @@ def require_tool(name: str) -> str:
 
 
 class StoreSCP:
-    """A DCMTK storescp writing every received instance into ``folder``."""
+    """A DCMTK storescp writing every received instance into ``folder``.
 
-    def __init__(self, folder: Path, ae_title: str = "STORESCP") -> None:
+    ``extra_args`` go before the port: e.g. ``("--fork",)`` for one process per association,
+    ``("-xf", config, profile)`` to accept only some SOP classes, ``("+tls", key, cert, "+cf",
+    ca)`` for TLS (with ``-vc``: a client certificate is optional).
+    """
+
+    def __init__(self, folder: Path, ae_title: str = "STORESCP", extra_args: tuple[str, ...] = (),
+                 port: int | None = None) -> None:
         self.folder = folder
         self.ae_title = ae_title
-        self.port = free_port()
+        self.port = port or free_port()
         folder.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [require_tool("storescp"), "-aet", ae_title, "-od", str(folder), "+B", str(self.port)],
+            [require_tool("storescp"), "-aet", ae_title, "-od", str(folder), "+B", *extra_args, str(self.port)],
             env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         wait_port(self.port)
@@ -60,6 +66,29 @@ class StoreSCP:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=10)
+
+
+def make_certificates(folder: Path) -> dict[str, Path]:
+    """A CA, a server certificate for localhost/127.0.0.1 and a client certificate, all signed by it."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("the openssl command is not installed")
+    folder.mkdir()
+    (folder / "ext.cnf").write_text("[server]\nsubjectAltName = DNS:localhost, IP:127.0.0.1\n"
+                                    "extendedKeyUsage = serverAuth\n[client]\nextendedKeyUsage = clientAuth\n")
+
+    def run(*args: str) -> None:
+        done = subprocess.run([openssl, *args], cwd=folder, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+        "-subj", "/CN=RadDeploy test CA")
+    for name, cn in (("server", "localhost"), ("client", "STORESCU")):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", f"/CN={cn}")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.crt", "-days", "2", "-extfile", "ext.cnf", "-extensions", name)
+    return {name: folder / name for name in ("ca.crt", "server.crt", "server.key", "client.crt", "client.key")}
 
 
 def storescu(port: int, files: list[Path] | Path, ae_title: str = "RADDEPLOY", calling: str = "STORESCU",

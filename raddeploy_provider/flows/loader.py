@@ -108,6 +108,14 @@ def _flow(reader: Reader, file_hash: str) -> Flow:
         node = reader.node_of("destinations") or reader.node_of(fieldname) or reader.root
         raise reader.error(node, fieldname, "results go somewhere, but no model writes a `dst` output",
                            "name the output to send `dst` (or `dst_<something>`)")
+    new_patient = values.get("new_patient") == "allowed"
+    new_study = new_patient or values.get("new_study") == "allowed"
+    for key, allowed, what in (("new_patient", new_patient, "another Patient ID than the input's"),
+                               ("new_study", values.get("new_study") == "allowed",
+                                "another Study Instance UID than the input's")):
+        if allowed:
+            reader.warn(reader.node_of(key), key, f"results may carry {what}: the output guard does not "
+                        "check it", "only for flows that mean to change identities (an anonymising export)")
     return Flow(
         name=name,
         dag_id=values.get("id", slug(name)),
@@ -122,6 +130,9 @@ def _flow(reader: Reader, file_hash: str) -> Flow:
         grouping=values.get("grouping", Grouping()),
         input=input_spec,
         return_to_sender=ports,
+        new_study=new_study,
+        new_patient=new_patient,
+        provenance=values.get("provenance", True),
         extra=values.get("extra", {}),
         file_hash=file_hash,
     )

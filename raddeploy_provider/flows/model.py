@@ -135,6 +135,9 @@ class Flow:
     grouping: Grouping = field(default_factory=Grouping)
     input: InputSpec = field(default_factory=InputSpec)
     return_to_sender: tuple[int, ...] = ()
+    new_study: bool = False  # results may carry another Study Instance UID than the input's
+    new_patient: bool = False  # results may carry another Patient ID (implies new_study)
+    provenance: bool = True  # stamp a Contributing Equipment item on every sent result
     extra: dict[str, Any] = field(default_factory=dict)
     file_hash: str = ""
     warnings: tuple[FlowWarning, ...] = ()

@@ -60,6 +60,16 @@ FLOW = (
         raddeploy=True),
     Key("return_to_sender_on_port", "ports", "RadDeploy README spelling of `return_to_sender` "
         "(one port or a list).", "[]", "104", raddeploy=True),
+    Key("new_study", "choice", "`allowed`: results may be filed in a study of their own (another Study Instance "
+        "UID than the input's). Otherwise every result must carry the input's Study Instance UID, or nothing is "
+        "sent. `raddeploy validate` warns when allowed.", "refused", "allowed", choices=("refused", "allowed")),
+    Key("new_patient", "choice", "`allowed`: results may carry another Patient ID than the input's (an "
+        "anonymising export to a research archive; implies `new_study: allowed`). Otherwise a result of another "
+        "patient is never sent. `raddeploy validate` warns when allowed.", "refused", "allowed",
+        choices=("refused", "allowed")),
+    Key("provenance", "bool", "Every result gets a Contributing Equipment item naming raddeploy-provider, "
+        "the flow, its version and the model image digest, before it is sent. `off` (`false`) leaves results "
+        "as the model wrote them.", "on", "off"),
     Key("extra", "mapping", "Free-form values that follow the flow: given to every model as JSON in "
         "`RADDEPLOY_FLOW_EXTRA`.", "{}", "{site: aarhus}", raddeploy=True),
     Key("tar_subdir", "keywords", "RadDeploy spelling of `input.layout` as a list of DICOM keywords.", "[]",

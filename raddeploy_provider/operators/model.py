@@ -6,6 +6,7 @@ import json
 import shutil
 import socket
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
@@ -20,7 +21,7 @@ from raddeploy_provider import gpu
 from raddeploy_provider.config import Settings, load_settings
 from raddeploy_provider.exceptions import ModelFailed
 from raddeploy_provider.flows.model import ModelSpec
-from raddeploy_provider.store import RunDir, manifest
+from raddeploy_provider.store import RunDir, manifest, outputs
 from raddeploy_provider.utils.runs import run_dir
 
 LOG_TAIL_LINES = 20
@@ -63,6 +64,9 @@ class ModelOperator(DockerOperator):
     :param flow_id: the flow's DAG id, given to the container as ``RADDEPLOY_FLOW``.
     :param flow_version: given as ``RADDEPLOY_FLOW_VERSION``.
     :param flow_extra: the flow's ``extra``, given as JSON in ``RADDEPLOY_FLOW_EXTRA``.
+    :param provenance: stamp a Contributing Equipment item (flow, version, image digest) on every
+        file of the sent (``dst*``) outputs when the model succeeds
+        (:mod:`raddeploy_provider.dicom.provenance`).
 
     Other keywords go to :class:`DockerOperator` and Airflow's BaseOperator.
     """
@@ -71,7 +75,7 @@ class ModelOperator(DockerOperator):
     ui_color = "#c7e3f4"
 
     def __init__(self, *, model: ModelSpec, flow_id: str, flow_version: str = "",
-                 flow_extra: dict[str, Any] | None = None, **kwargs: Any) -> None:
+                 flow_extra: dict[str, Any] | None = None, provenance: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("mount_tmp_dir", False)
         command = list(model.command) if isinstance(model.command, tuple) else model.command
         entrypoint = list(model.entrypoint) if isinstance(model.entrypoint, tuple) else model.entrypoint
@@ -86,6 +90,7 @@ class ModelOperator(DockerOperator):
         self.flow_id = flow_id
         self.flow_version = flow_version
         self.flow_extra = dict(flow_extra or {})
+        self.provenance = provenance
         self._host_extras: dict[str, Any] = {}
 
     @property
@@ -186,17 +191,36 @@ class ModelOperator(DockerOperator):
         finally:
             record["ended"] = _now()
             manifest.record(run, self.task_id, record)
-        written = {name: sorted(str(p.relative_to(run.mount(name))) for p in run.mount(name).rglob("*") if p.is_file())
-                   for name in self.model.outputs}
+        found = {name: outputs.walk(run.mount(name), run.root) for name in self.model.outputs}
+        written = {name: [str(p.relative_to(run.mount(name))) for p in files] for name, (files, _) in found.items()}
         record["outputs"] = written
         manifest.record(run, self.task_id, record)
         empty = [name for name, files in written.items() if not files]
         if empty:
             raise AirflowException(f"model {self.task_id} wrote nothing to output(s) {', '.join(empty)} "
                                    f"({', '.join(self.model.outputs[n] for n in empty)} in the container)")
+        for name, (_, problems) in found.items():
+            for problem in problems:  # the send task refuses to send them; say so where the model ran
+                self.log.warning("output %s: %s", name, problem)
+        if self.provenance:
+            self._stamp([p for name in self.model.sent_outputs for p in found[name][0]], record)
         counts = {name: len(files) for name, files in written.items()}
         self.log.info("outputs written: %s", counts)
         return {"outputs": counts, "gpus": record["gpus"]}
+
+    def _stamp(self, files: list[Path], record: dict[str, Any]) -> None:
+        """Provenance on every result that will be sent; files that are not DICOM are left to the output guard."""
+        from raddeploy_provider.dicom import provenance  # pydicom's writer: only where a model succeeded
+
+        digest = (record.get("image_digests") or [record.get("image_id", "")])[0]
+        made = provenance.Provenance(self.flow_id, self.flow_version, self.task_id, self.image, digest)
+        stamped = 0
+        for path in files:
+            try:
+                stamped += provenance.stamp(path, made)
+            except Exception as exc:  # not DICOM, or unreadable: the send task's guard refuses it by name
+                self.log.warning("no provenance on %s: %s", path.name, exc)
+        self.log.info("provenance (Contributing Equipment) added to %d of %d results", stamped, len(files))
 
     def _run(self, context: Context, record: dict[str, Any]) -> None:
         """Run the container; on any end (success, failure, timeout, kill) inspect and remove it."""

@@ -110,7 +110,7 @@ class FingerprintSensor(BaseSensorOperator):
             "flow": {"dag_id": self.flow.dag_id, "name": self.flow.name, "version": self.flow.version,
                      "file": str(self.flow.source), "sha256": self.flow.file_hash},
             "study_uid": uid, "input": {"series": series, "sop_instance_uids": sorted(x.sop_uid for x in chosen)},
-            "sender": _sender(chosen),
+            **_sender(chosen),
         })
         summary = {"study_uid": uid, "instances": len(made), "series": series}
         self.log.info("input ready: %d instances of %d series", len(made), len(series))
@@ -120,10 +120,22 @@ class FingerprintSensor(BaseSensorOperator):
         return summary
 
 
-def _sender(instances: list[StoredInstance]) -> dict[str, str] | None:
-    """Who sent the input (the last sender, if several): calling AE title and address, no names."""
-    known = [x for x in instances if x.calling_ae and x.peer]
-    if not known:
-        return None
-    last = max(known, key=lambda x: x.received_at)
-    return {"calling_ae": last.calling_ae, "host": last.peer_host}
+def _sender(instances: list[StoredInstance]) -> dict[str, Any]:
+    """The node the matched input came from (calling AE title and address, no names), for
+    results returned to it: ``{"sender": ...}``, or ``{"sender": None, "sender_refused": why}``
+    when returning results would be unsafe. Only the instances the triggers matched count, not
+    whoever added an instance to the study; and only one node, sending one patient."""
+    nodes = sorted({(x.calling_ae, x.peer_host) for x in instances if x.calling_ae and x.peer})
+    patients = {str(x.tags.get("PatientID", "")) for x in instances}
+    why = None
+    if not nodes:
+        why = "the matched input has no recorded sender"
+    elif len(nodes) > 1:
+        why = (f"the matched input came from {len(nodes)} nodes ("
+               + ", ".join(f"{ae}@{host}" for ae, host in nodes[:5]) + "): results go back to none of them")
+    elif len(patients) > 1:
+        why = "the matched input instances carry different Patient IDs"
+    if why:
+        return {"sender": None, "sender_refused": why}
+    calling_ae, host = nodes[0]
+    return {"sender": {"calling_ae": calling_ae, "host": host}}

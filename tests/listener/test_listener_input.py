@@ -40,7 +40,7 @@ from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.pdu_primitives import MaximumLengthNotification
 
 from dicom_factory import make_series
-from peers import DCMTK_ENV, partial_files, require_tool, storescu
+from peers import DCMTK_ENV, make_certificates, partial_files, require_tool, storescu
 
 pytestmark = pytest.mark.integration
 
@@ -616,29 +616,6 @@ def test_who_may_send(start_listener, tmp_path, case):
 
 
 # -- 9. DICOM TLS ----------------------------------------------------------------------------
-
-def make_certificates(folder: Path) -> dict[str, Path]:
-    """A CA, a server certificate for localhost/127.0.0.1 and a client certificate, all signed by it."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("the openssl command is not installed")
-    folder.mkdir()
-    (folder / "ext.cnf").write_text("[server]\nsubjectAltName = DNS:localhost, IP:127.0.0.1\n"
-                                    "extendedKeyUsage = serverAuth\n[client]\nextendedKeyUsage = clientAuth\n")
-
-    def run(*args: str) -> None:
-        done = subprocess.run([openssl, *args], cwd=folder, capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-        "-subj", "/CN=RadDeploy test CA")
-    for name, cn in (("server", "localhost"), ("client", "STORESCU")):
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-            "-subj", f"/CN={cn}")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", f"{name}.crt", "-days", "2", "-extfile", "ext.cnf", "-extensions", name)
-    return {name: folder / name for name in ("ca.crt", "server.crt", "server.key", "client.crt", "client.key")}
-
 
 def test_dicom_tls(start_listener, tmp_path):
     certs = make_certificates(tmp_path / "certs")

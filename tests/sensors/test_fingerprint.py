@@ -15,8 +15,11 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pydicom
 import pytest
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException, TaskDeferred
+
+from pydicom.uid import generate_uid
 
 from dicom_factory import make_series
 from raddeploy_provider.flows import load_flow
@@ -43,11 +46,11 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     ct = make_series(tmp_path / "ct", slices=2)
     mr = make_series(tmp_path / "mr", modality="MR", slices=1, study_uid=ct.study_uid)
 
-    def push(series, association: str = "") -> None:
-        for f in series.files:
+    def push(series, association: str = "", calling_ae: str = "SCANNER", peer: str = "127.0.0.1:5000") -> None:
+        for f in getattr(series, "files", series):
             temp = store.layout.incoming / f.name
             shutil.copy(f, temp)
-            store.ingest(temp, lambda h: {"two_modalities": NEVER}, calling_ae="SCANNER", peer="127.0.0.1:5000",
+            store.ingest(temp, lambda h: {"two_modalities": NEVER}, calling_ae=calling_ae, peer=peer,
                          association=association)
 
     def sensor(on_timeout: str = "skip") -> FingerprintSensor:
@@ -82,6 +85,53 @@ def test_ready_study_is_taken_at_once(world):
     assert len(manifest["input"]["sop_instance_uids"]) == 3
     # The send tasks read who to return results to from here, never from the index.
     assert manifest["sender"] == {"calling_ae": "SCANNER", "host": "127.0.0.1"}
+
+
+def other_series(template: Path, folder: Path, **values) -> Path:
+    """One more instance of the study in a series of its own, with ``values`` set."""
+    ds = pydicom.dcmread(template)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_an_instance_added_by_another_node_does_not_become_the_sender(world, tmp_path):
+    """A peer that pushes one instance with a known Study Instance UID must not receive the study's results."""
+    world.push(world.ct)
+    world.push(world.mr)
+    added = other_series(world.ct.files[0], tmp_path / "added", Modality="SR")  # no trigger matches it
+    world.push([added], calling_ae="INTRUDER", peer="10.9.9.9:4000")
+    time.sleep(0.25)
+    world.sensor().execute(world.context)
+    manifest = json.loads((world.run_dir / "manifest.json").read_text())
+    assert manifest["sender"] == {"calling_ae": "SCANNER", "host": "127.0.0.1"}
+    assert added.name not in {p.name for p in (world.run_dir / "input").iterdir()}
+
+
+def test_matched_input_from_two_nodes_or_two_patients_has_no_sender(world, tmp_path):
+    world.push(world.ct)
+    world.push([other_series(world.mr.files[0], tmp_path / "mr2")], calling_ae="INTRUDER", peer="10.9.9.9:4000")
+    time.sleep(0.25)
+    world.sensor().execute(world.context)
+    manifest = json.loads((world.run_dir / "manifest.json").read_text())
+    assert manifest["sender"] is None
+    assert manifest["sender_refused"] == ("the matched input came from 2 nodes (INTRUDER@10.9.9.9, "
+                                          "SCANNER@127.0.0.1): results go back to none of them")
+
+
+def test_matched_input_of_two_patients_has_no_sender(world, tmp_path):
+    world.push(world.ct)
+    world.push([other_series(world.mr.files[0], tmp_path / "mr2", PatientID="SOMEONE-ELSE")])
+    time.sleep(0.25)
+    world.sensor().execute(world.context)
+    manifest = json.loads((world.run_dir / "manifest.json").read_text())
+    assert manifest["sender"] is None
+    assert manifest["sender_refused"] == "the matched input instances carry different Patient IDs"
 
 
 def test_missing_trigger_defers_then_the_trigger_fires_when_it_arrives(world):
