@@ -29,7 +29,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 from pynetdicom.presentation import PresentationContext
 
@@ -785,7 +785,3 @@ def send_files(node: Node, paths: Iterable[Path]) -> SendReport:
                  time.monotonic() - started, len(paths) - refused, len(report.warned), refused)
     return report
 
-
-def dicom_files(folders: Sequence[Path]) -> list[Path]:
-    """Every regular file under ``folders``, sorted (models may write sub-folders)."""
-    return sorted(p for folder in folders if folder.exists() for p in folder.rglob("*") if p.is_file())

@@ -115,7 +115,7 @@ def _flow(reader: Reader, file_hash: str) -> Flow:
                                 "another Study Instance UID than the input's")):
         if allowed:
             reader.warn(reader.node_of(key), key, f"results may carry {what}: the output guard does not "
-                        "check it", "only for flows that mean to change identities (an anonymising export)")
+                        "check it", "only for a flow meant to change identities, such as an anonymising export")
     return Flow(
         name=name,
         dag_id=values.get("id", slug(name)),

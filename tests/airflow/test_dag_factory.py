@@ -62,6 +62,18 @@ def test_diamond_flow_becomes_sensor_models_and_senders(flows):
     assert tasks["merge"].execution_timeout.total_seconds() == 90
     assert tasks["prep"].network_mode == "none" and tasks["right"].network_mode == "bridge"
     assert dag.is_paused_upon_creation is False
+    # Safe by default: provenance stamped, the guard checks patient and study.
+    assert tasks["merge"].provenance is True and tasks["prep"].provenance is True
+    assert (send.check_patient, send.check_study) == (True, True)
+    assert send.retry_exponential_backoff == 2.0  # a multiplier in Airflow 3 (True would mean 1: no backoff)
+
+
+def test_flow_identity_and_provenance_options_reach_the_tasks(tmp_path):
+    (tmp_path / "export.yaml").write_text(DIAMOND.replace("id: diamond", "id: export\nnew_patient: allowed\n"
+                                                                        "provenance: off"))
+    tasks = {t.task_id: t for t in build_all(tmp_path)["export"].tasks}
+    assert tasks["merge"].provenance is False
+    assert (tasks["send_0_ARIA"].check_patient, tasks["send_0_ARIA"].check_study) == (False, False)
 
 
 def test_broken_flow_is_a_visible_paused_dag_and_others_still_load(flows):

@@ -887,3 +887,25 @@ def test_docs_name_every_key_and_every_refused_kwarg() -> None:
             assert f"`{key.name}: {key.example.replace('|', chr(92) + '|')}`" in text
     for name in DOCKER_KWARGS_REFUSED:
         assert f"| `{name}` |" in text
+
+
+def test_flows_that_change_identities_say_so_and_are_warned_about(tmp_path: Path) -> None:
+    """An anonymising export (new_patient) implies a new study; both are shown by `raddeploy validate`."""
+    head = """
+        name: export
+        triggers: [{Modality: CT}]
+        models: [{image: "m@sha256:%s", inputs: {src: /in}, outputs: {dst: /out}}]
+        destinations: [{host: archive, port: 104, ae_title: RESEARCH}]
+    """ % ("0" * 64)
+    plain = load_flow(write(tmp_path, head, "plain.yaml"))
+    assert (plain.new_study, plain.new_patient, plain.provenance, plain.warnings) == (False, False, True, ())
+    study = load_flow(write(tmp_path, head + "    new_study: allowed\n", "study.yaml"))
+    assert (study.new_study, study.new_patient) == (True, False)
+    assert [str(w) for w in study.warnings] == [
+        f"{study.source}:5: new_study: results may carry another Study Instance UID than the input's: the output "
+        "guard does not check it (only for a flow meant to change identities, such as an anonymising export)"]
+    anon = load_flow(write(tmp_path, head + "    new_patient: allowed\n        provenance: off\n", "anon.yaml"))
+    assert (anon.new_study, anon.new_patient, anon.provenance) == (True, True, False)
+    assert [w.field for w in anon.warnings] == ["new_patient"]
+    with pytest.raises(FlowError, match=r"new_study: unknown choice 'yes' \(use one of refused, allowed\)"):
+        load_flow(write(tmp_path, head + "    new_study: 'yes'\n", "bad.yaml"))
