@@ -25,24 +25,24 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "bench"))
 
+from common import (CACHE, DataSet, Failed, cached, copy_files, count_files, dataset, make_ct,  # noqa: E402
+                    make_small, measure, print_end, print_load, push_storescu, require, stop_process, table)
 from dicom_factory import make_series  # noqa: E402
-from peers import DCMTK_ENV, free_port, require_tool, storescu, wait_port  # noqa: E402
+from peers import DCMTK_ENV, free_port, require_tool, wait_port  # noqa: E402
 
 LISTENER_AE = "RADDEPLOY"
 # Listener log lines that are expected here: Airflow is down on purpose, and wait_port's
@@ -50,44 +50,7 @@ LISTENER_AE = "RADDEPLOY"
 EXPECTED_WARNINGS = ("Airflow unreachable", "association from ?@127.0.0.1 lost: peer closed the connection")
 
 
-# -- data sets --------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DataSet:
-    name: str
-    folder: Path
-    count: int
-    nbytes: int
-    unit: str  # "MB/s" or "inst/s": what the table's rate column shows
-
-
-def _cached(cache: Path, key: str, build: Callable[[Path], None]) -> Path:
-    """``cache/key``, built by ``build`` once; a marker file says the build completed."""
-    folder, done = cache / key, cache / f"{key}.done"
-    if not done.exists():
-        shutil.rmtree(folder, ignore_errors=True)
-        t0 = time.monotonic()
-        print(f"making {key} (once; cached in {cache}) ...", flush=True)
-        build(folder)
-        done.write_text(f"{len(list(folder.iterdir()))}\n")
-        print(f"  done in {time.monotonic() - t0:.0f} s", flush=True)
-    return folder
-
-
-def _dataset(name: str, folder: Path, unit: str) -> DataSet:
-    files = [p for p in folder.iterdir() if p.is_file()]
-    return DataSet(name, folder, len(files), sum(p.stat().st_size for p in files), unit)
-
-
-def make_ct(cache: Path, slices: int, size: int) -> DataSet:
-    folder = _cached(cache, f"ct-{slices}x{size}", lambda f: make_series(f, slices=slices, size=size))
-    return _dataset(f"CT {slices}x{size}\u00b2", folder, "MB/s")
-
-
-def make_small(cache: Path, count: int, size: int) -> DataSet:
-    folder = _cached(cache, f"small-{count}x{size}", lambda f: make_series(f, slices=count, size=size))
-    return _dataset(f"{count} x {size}\u00b2", folder, "inst/s")
-
-
+# -- data sets (bench/common.py: the CT and the small ones) --------------------------------
 def make_big(cache: Path, slices: int, size: int) -> DataSet:
     """A one-series study of ``slices`` slices: 50 made by make_series, cloned with fresh UIDs
     (make_series draws every pixel in Python: 2000 slices would take minutes)."""
@@ -109,47 +72,13 @@ def make_big(cache: Path, slices: int, size: int) -> DataSet:
             ds.save_as(folder / f"CT{i:05d}.dcm", enforce_file_format=True)
         shutil.rmtree(base.files[0].parent)
 
-    folder = _cached(cache, f"big-{slices}x{size}", build)
-    return _dataset(f"CT {slices}x{size}\u00b2", folder, "MB/s")
+    folder = cached(cache, f"big-{slices}x{size}", build)
+    return dataset(f"CT {slices}x{size}\u00b2", folder, "MB/s")
 
 
 # -- receivers --------------------------------------------------------------------------------
-class Failed(Exception):
-    """A receiver did not get every instance: no timing from it counts."""
-
-
-def _push(port: int, data: DataSet, ae_title: str) -> float:
-    t0 = time.monotonic()
-    done = storescu(port, data.folder, ae_title=ae_title)
-    seconds = time.monotonic() - t0
-    if done.returncode != 0:
-        raise Failed(f"storescu exit {done.returncode}: {(done.stderr or done.stdout).strip()[-2000:]}")
-    return seconds
-
-
-def _files(folder: Path) -> int:
-    return sum(len(files) for _, _, files in os.walk(folder))
-
-
-def _stop(proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def recv_copy(data: DataSet, work: Path) -> tuple[float, str]:
-    dest = work / "out"
-    t0 = time.monotonic()
-    subprocess.run(["cp", "-r", str(data.folder), str(dest)], check=True)
-    seconds = time.monotonic() - t0
-    got = _files(dest)
-    if got != data.count:
-        raise Failed(f"cp wrote {got} of {data.count} files")
-    return seconds, ""
+    return copy_files(data, work), ""
 
 
 def recv_storescp(data: DataSet, work: Path) -> tuple[float, str]:
@@ -161,11 +90,11 @@ def recv_storescp(data: DataSet, work: Path) -> tuple[float, str]:
                             env=DCMTK_ENV, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_port(port)
-        seconds = _push(port, data, "STORESCP")
+        seconds = push_storescu(port, data, "STORESCP")
     finally:
-        _stop(proc)
+        stop_process(proc)
         log.close()
-    got = _files(dest)
+    got = count_files(dest)
     if got != data.count:
         raise Failed(f"storescp wrote {got} of {data.count} files")
     return seconds, ""
@@ -185,11 +114,11 @@ def recv_orthanc(data: DataSet, work: Path) -> tuple[float, str]:
                             env=DCMTK_ENV, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_port(dicom_port, timeout=60)
-        seconds = _push(dicom_port, data, "ORTHANC")
+        seconds = push_storescu(dicom_port, data, "ORTHANC")
         with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/statistics", timeout=30) as rsp:
             got = json.load(rsp)["CountInstances"]
     finally:
-        _stop(proc, timeout=60)
+        stop_process(proc, timeout=60)
         log.close()
     if got != data.count:
         raise Failed(f"Orthanc indexed {got} of {data.count} instances")
@@ -245,10 +174,10 @@ class Listener:
             runs = db.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
         finally:
             db.close()
-        return instances, runs, _files(self.data / "studies")
+        return instances, runs, count_files(self.data / "studies")
 
     def stop(self) -> None:
-        _stop(self.proc)
+        stop_process(self.proc)
         self._log.close()
 
 
@@ -257,7 +186,7 @@ def recv_listener(fsync: str, flows: Path) -> Callable[[DataSet, Path], tuple[fl
         listener = Listener(work, flows, fsync)
         try:
             try:
-                seconds = _push(listener.port, data, LISTENER_AE)
+                seconds = push_storescu(listener.port, data, LISTENER_AE)
             except Failed as exc:
                 raise Failed(f"{exc}\n  listener log:\n{listener.log_tail()}") from None
             if listener.proc.poll() is not None:
@@ -277,45 +206,6 @@ def recv_listener(fsync: str, flows: Path) -> Callable[[DataSet, Path], tuple[fl
 
 
 # -- the benchmark ----------------------------------------------------------------------------
-def measure(data: DataSet, receivers: dict[str, Callable], repeats: int, scratch: Path) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {name: [] for name in receivers}
-    notes: dict[str, set[str]] = {name: set() for name in receivers}
-    for path in data.folder.iterdir():  # source files into the page cache before the first push
-        path.read_bytes()
-    for rep in range(repeats):
-        for name, receive in receivers.items():
-            work = scratch / f"{name}-{rep}"
-            work.mkdir(parents=True)
-            os.sync()  # earlier runs' dirty pages are not written back during this one
-            try:
-                seconds, note = receive(data, work)
-            except Failed as exc:
-                raise SystemExit(f"\nFAILED: {name} on {data.name}, repeat {rep + 1}: {exc}\n(work dir kept: {work})")
-            times[name].append(seconds)
-            if note:
-                notes[name].add(note)
-            print(f"  {data.name:>12} {rep + 1}/{repeats} {name:<21} {seconds:7.2f} s", flush=True)
-            shutil.rmtree(work)
-    for name, texts in notes.items():
-        for text in sorted(texts):
-            print(f"  note: {name}: {text}")
-    return times
-
-
-def table(data: DataSet, times: dict[str, list[float]]) -> dict[str, float]:
-    med = {name: statistics.median(ts) for name, ts in times.items()}
-    print(f"\n{data.name}: {data.count} instances, {data.nbytes / 1e6:.0f} MB, "
-          f"median of {len(next(iter(times.values())))}")
-    print(f"| receiver | seconds | {data.unit} | ratio to storescp | ratio to copy | runs (s) |")
-    print("|---|---|---|---|---|---|")
-    for name, seconds in med.items():
-        rate = data.nbytes / 1e6 / seconds if data.unit == "MB/s" else data.count / seconds
-        runs = ", ".join(f"{t:.2f}" for t in times[name])
-        print(f"| {name} | {seconds:.2f} | {rate:.0f} | {med['storescp'] / seconds:.2f} | "
-              f"{med['copy'] / seconds:.2f} | {runs} |")
-    return med
-
-
 def rss_kb(pid: int) -> dict[str, int]:
     out = {}
     with open(f"/proc/{pid}/status") as fh:
@@ -349,7 +239,7 @@ def measure_rss(data: DataSet, flows: Path, scratch: Path) -> tuple[float, float
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         try:
-            seconds = _push(listener.port, data, LISTENER_AE)
+            seconds = push_storescu(listener.port, data, LISTENER_AE)
         except Failed as exc:
             raise SystemExit(f"FAILED: listener on {data.name}: {exc}\n  listener log:\n{listener.log_tail()}")
         finally:
@@ -376,14 +266,12 @@ def main() -> None:
     parser.add_argument("--ct-slices", type=int, default=300)
     parser.add_argument("--small", type=int, default=3000, help="number of small 64x64 instances")
     parser.add_argument("--rss-slices", type=int, default=2000, help="512x512 slices of the RSS study (0: skip)")
-    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "raddeploy-bench-cache")
+    parser.add_argument("--cache", type=Path, default=CACHE)
     args = parser.parse_args()
     t_start = time.monotonic()
     load_start = os.getloadavg()[0]
 
-    for tool in ("storescu", "storescp", "Orthanc"):
-        if shutil.which(tool) is None:
-            raise SystemExit(f"{tool} is not installed: run `make bench-ingest` (it installs dcmtk and orthanc)")
+    require(("storescu", "storescp", "Orthanc"), "bench-ingest", "dcmtk and orthanc")
     args.cache.mkdir(parents=True, exist_ok=True)
     sets = [make_ct(args.cache, args.ct_slices, 512), make_small(args.cache, args.small, 64)]
     big = make_big(args.cache, args.rss_slices, 512) if args.rss_slices else None
@@ -402,22 +290,20 @@ def main() -> None:
     results = {}
     for data in sets:
         print(f"\n{data.name}: {args.repeats} x {len(receivers)} receivers", flush=True)
-        results[data.name] = (data, measure(data, receivers, args.repeats, scratch / data.name.split()[0]))
+        results[data.name] = (data, measure(data, receivers, args.repeats, scratch / data.name.split()[0], width=21))
     rss = None
     if big is not None:
         print(f"\nlistener RSS while receiving {big.name} ({big.nbytes / 1e9:.2f} GB), one push", flush=True)
         rss = measure_rss(big, flows, scratch)
     shutil.rmtree(scratch, ignore_errors=True)
 
-    load_end = os.getloadavg()[0]
     print("\n" + "=" * 78)
     print("Receive throughput: DCMTK storescu (one association, TCP_NODELAY=1) -> receiver, loopback, "
           f"{os.cpu_count()} cores")
-    print(f"load average (1 min) at start {load_start:.2f}, at end {load_end:.2f}"
-          + ("  <- other work on this machine: timings are noisy" if load_start > 0.5 else ""))
+    print_load(load_start)
     meds = {}
     for name, (data, times) in results.items():
-        meds[name] = (data, table(data, times))
+        meds[name] = (data, table(data, times, "receiver", ("storescp", "copy")))
     if rss is not None:
         before, peak, hwm, seconds = rss
         print(f"\nlistener RSS, {big.name} study ({big.count} instances, {big.nbytes / 1e9:.2f} GB) in "
@@ -442,10 +328,7 @@ def main() -> None:
         peak = max(rss[1], rss[2])
         verdicts.append(f"RSS receiving {big.nbytes / 1e9:.2f} GB: peak {peak:.0f} MB "
                         f"(before {rss[0]:.0f} MB; target <= 150 MB): {'met' if peak <= 150 else 'NOT met'}")
-    print()
-    for line in verdicts:
-        print(f"- {line}")
-    print(f"\n(benchmark took {time.monotonic() - t_start:.0f} s; data sets cached in {args.cache})")
+    print_end(verdicts, t_start, args.cache)
 
 
 if __name__ == "__main__":

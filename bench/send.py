@@ -25,24 +25,22 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
 
-from dicom_factory import make_series  # noqa: E402
-from peers import DCMTK_ENV, free_port, require_tool, storescu, wait_port  # noqa: E402
+from common import (CACHE, DataSet, Failed, copy_files, count_files, make_ct, make_small, measure,  # noqa: E402
+                    print_end, print_load, push_storescu, require, stop_process, table)
+from peers import DCMTK_ENV, free_port, require_tool, wait_port  # noqa: E402
 
 from raddeploy_provider.dicom.scu import Node, send_files  # noqa: E402
 
@@ -50,48 +48,7 @@ SCP_AE = "STORESCP"
 TARGET = 0.8  # send_files / storescu, on both data sets
 
 
-# -- data sets (as bench/ingest.py makes them, same cache keys) ---------------------------------
-@dataclass(frozen=True)
-class DataSet:
-    name: str
-    folder: Path
-    files: list[Path]
-    nbytes: int
-    unit: str  # "MB/s" or "inst/s": what the table's rate column shows
-
-    @property
-    def count(self) -> int:
-        return len(self.files)
-
-
-def _cached(cache: Path, key: str, build: Callable[[Path], None]) -> Path:
-    """``cache/key``, built by ``build`` once; a marker file says the build completed."""
-    folder, done = cache / key, cache / f"{key}.done"
-    if not done.exists():
-        shutil.rmtree(folder, ignore_errors=True)
-        t0 = time.monotonic()
-        print(f"making {key} (once; cached in {cache}) ...", flush=True)
-        build(folder)
-        done.write_text(f"{len(list(folder.iterdir()))}\n")
-        print(f"  done in {time.monotonic() - t0:.0f} s", flush=True)
-    return folder
-
-
-def make_set(cache: Path, name: str, key: str, slices: int, size: int, unit: str) -> DataSet:
-    folder = _cached(cache, key, lambda f: make_series(f, slices=slices, size=size))
-    files = sorted(p for p in folder.iterdir() if p.is_file())
-    return DataSet(name, folder, files, sum(p.stat().st_size for p in files), unit)
-
-
 # -- the receiver -------------------------------------------------------------------------------
-class Failed(Exception):
-    """A push did not deliver every instance: no timing from it counts."""
-
-
-def _files(folder: Path) -> int:
-    return sum(len(files) for _, _, files in os.walk(folder))
-
-
 class StoreSCP:
     """A fresh DCMTK storescp writing into ``work/out``."""
 
@@ -109,15 +66,9 @@ class StoreSCP:
         wait_port(self.port)
 
     def stop(self, data: DataSet) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self._log.close()
-        got = _files(self.out)
+        got = count_files(self.out)
         if got != (0 if self.ignore else data.count):
             raise Failed(f"storescp wrote {got} of {data.count} files")
 
@@ -126,11 +77,7 @@ class StoreSCP:
 def send_storescu(data: DataSet, work: Path, pdu: int) -> float:
     scp = StoreSCP(work, pdu)
     try:
-        t0 = time.monotonic()
-        done = storescu(scp.port, data.folder, ae_title=SCP_AE, extra=("-q",))
-        seconds = time.monotonic() - t0
-        if done.returncode != 0:
-            raise Failed(f"storescu exit {done.returncode}: {(done.stderr or done.stdout).strip()[-2000:]}")
+        seconds = push_storescu(scp.port, data, SCP_AE, extra=("-q",))
     finally:
         scp.stop(data)
     return seconds
@@ -178,49 +125,16 @@ def send_socket(data: DataSet, work: Path, pdu: int) -> float:
 
 
 def send_cp(data: DataSet, work: Path, pdu: int) -> float:
-    dest = work / "out"
-    t0 = time.monotonic()
-    subprocess.run(["cp", "-r", str(data.folder), str(dest)], check=True)
-    seconds = time.monotonic() - t0
-    if _files(dest) != data.count:
-        raise Failed(f"cp wrote {_files(dest)} of {data.count} files")
-    return seconds
+    return copy_files(data, work)
 
 
 SENDERS = {"storescu": send_storescu, "send_files": send_ours, "socket (no DICOM)": send_socket, "cp": send_cp}
 
 
 # -- the benchmark ------------------------------------------------------------------------------
-def measure(data: DataSet, repeats: int, scratch: Path, pdu: int) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {name: [] for name in SENDERS}
-    for path in data.files:  # source files into the page cache before the first push
-        path.read_bytes()
-    for rep in range(repeats):
-        for name, send in SENDERS.items():
-            work = scratch / f"{name.split()[0]}-{rep}"
-            work.mkdir(parents=True)
-            os.sync()  # earlier runs' dirty pages are not written back during this one
-            try:
-                seconds = send(data, work, pdu)
-            except Failed as exc:
-                raise SystemExit(f"\nFAILED: {name} on {data.name}, repeat {rep + 1}: {exc}\n(work dir kept: {work})")
-            times[name].append(seconds)
-            print(f"  {data.name:>12} {rep + 1}/{repeats} {name:<18} {seconds:7.2f} s", flush=True)
-            shutil.rmtree(work)
-    return times
-
-
-def table(data: DataSet, times: dict[str, list[float]]) -> dict[str, float]:
-    med = {name: statistics.median(ts) for name, ts in times.items()}
-    print(f"\n{data.name}: {data.count} instances, {data.nbytes / 1e6:.0f} MB, median of "
-          f"{len(next(iter(times.values())))}")
-    print(f"| sender | seconds | {data.unit} | ratio to storescu | runs (s) |")
-    print("|---|---|---|---|---|")
-    for name, seconds in med.items():
-        rate = data.nbytes / 1e6 / seconds if data.unit == "MB/s" else data.count / seconds
-        runs = ", ".join(f"{t:.2f}" for t in times[name])
-        print(f"| {name} | {seconds:.2f} | {rate:.0f} | {med['storescu'] / seconds:.2f} | {runs} |")
-    return med
+def measure_senders(data: DataSet, repeats: int, scratch: Path, pdu: int) -> dict[str, list[float]]:
+    runs = {name: (lambda data, work, send=send: (send(data, work, pdu), "")) for name, send in SENDERS.items()}
+    return measure(data, runs, repeats, scratch, width=18)
 
 
 def main() -> None:
@@ -230,46 +144,37 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=3000, help="number of small 64x64 instances")
     parser.add_argument("--pdu", type=int, default=131072, help="storescp's maximum PDU (4096..131072)")
     parser.add_argument("--ignore", action="store_true", help="storescp receives but stores nothing")
-    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "raddeploy-bench-cache")
+    parser.add_argument("--cache", type=Path, default=CACHE)
     args = parser.parse_args()
     StoreSCP.ignore = args.ignore
     t_start = time.monotonic()
     load_start = os.getloadavg()[0]
 
-    for tool in ("storescu", "storescp"):
-        if shutil.which(tool) is None:
-            raise SystemExit(f"{tool} is not installed: run `make bench-send` (it installs dcmtk)")
+    require(("storescu", "storescp"), "bench-send", "dcmtk")
     args.cache.mkdir(parents=True, exist_ok=True)
-    sets = [make_set(args.cache, f"CT {args.ct_slices}x512\u00b2", f"ct-{args.ct_slices}x512", args.ct_slices, 512,
-                     "MB/s"),
-            make_set(args.cache, f"{args.small} x 64\u00b2", f"small-{args.small}x64", args.small, 64, "inst/s")]
+    sets = [make_ct(args.cache, args.ct_slices, 512), make_small(args.cache, args.small, 64)]
 
     scratch = Path(tempfile.mkdtemp(prefix="raddeploy-bench-send-"))
     results = []
     try:
         for data in sets:
             print(f"\n{data.name}: {args.repeats} x {len(SENDERS)} senders", flush=True)
-            results.append((data, measure(data, args.repeats, scratch / data.name.split()[0], args.pdu)))
+            results.append((data, measure_senders(data, args.repeats, scratch / data.name.split()[0], args.pdu)))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    load_end = os.getloadavg()[0]
     print("\n" + "=" * 78)
     print(f"Send throughput to DCMTK storescp (+B, -pdu {args.pdu}{', --ignore' if args.ignore else ''}, "
           "TCP_NODELAY=1), loopback, "
           f"{os.cpu_count()} cores")
-    print(f"load average (1 min) at start {load_start:.2f}, at end {load_end:.2f}"
-          + ("  <- other work on this machine: timings are noisy" if load_start > 0.5 else ""))
+    print_load(load_start)
     verdicts = []
     for data, times in results:
-        med = table(data, times)
+        med = table(data, times, "sender", ("storescu",))
         ratio = med["storescu"] / med["send_files"]
         verdicts.append(f"{data.name}: send_files {ratio:.2f}x storescu (target {TARGET}x): "
                         f"{'met' if ratio >= TARGET else 'NOT met'}")
-    print()
-    for line in verdicts:
-        print(f"- {line}")
-    print(f"\n(benchmark took {time.monotonic() - t_start:.0f} s; data sets cached in {args.cache})")
+    print_end(verdicts, t_start, args.cache)
 
 
 if __name__ == "__main__":

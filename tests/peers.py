@@ -40,6 +40,30 @@ def require_tool(name: str) -> str:
     return path
 
 
+ONLY_CT = """
+[[TransferSyntaxes]]
+[Uncompressed]
+TransferSyntax1 = LocalEndianExplicit
+TransferSyntax2 = LittleEndianImplicit
+
+[[PresentationContexts]]
+[OnlyCT]
+PresentationContext1 = VerificationSOPClass\\Uncompressed
+PresentationContext2 = CTImageStorage\\Uncompressed
+
+[[Profiles]]
+[OnlyCT]
+PresentationContexts = OnlyCT
+"""
+
+
+def only_ct(folder: Path) -> tuple[str, ...]:
+    """StoreSCP ``extra_args`` for a node that takes CT Image Storage only (and C-ECHO), uncompressed."""
+    config = folder / "only_ct.cfg"
+    config.write_text(ONLY_CT)
+    return ("-xf", str(config), "OnlyCT")
+
+
 class StoreSCP:
     """A DCMTK storescp writing every received instance into ``folder``.
 

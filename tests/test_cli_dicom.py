@@ -11,7 +11,7 @@ import pydicom
 import pytest
 
 from dicom_factory import make_series
-from peers import StoreSCP, free_port, make_certificates
+from peers import StoreSCP, free_port, make_certificates, only_ct
 from raddeploy.cli import main, parse_address
 
 pytestmark = pytest.mark.integration
@@ -136,27 +136,10 @@ def test_send_lists_what_was_not_accepted_and_exits_1(storescp, tmp_path, capsys
     assert sop_uids(storescp.files()) == sop_uids(series.files)
 
 
-ONLY_CT = """
-[[TransferSyntaxes]]
-[Uncompressed]
-TransferSyntax1 = LocalEndianExplicit
-TransferSyntax2 = LittleEndianImplicit
-
-[[PresentationContexts]]
-[OnlyCT]
-PresentationContext1 = VerificationSOPClass\\Uncompressed
-PresentationContext2 = CTImageStorage\\Uncompressed
-
-[[Profiles]]
-[OnlyCT]
-PresentationContexts = OnlyCT
-"""
 
 
 def test_send_lists_refused_instances_by_sop_uid(tmp_path, capsys) -> None:
-    config = tmp_path / "only_ct.cfg"
-    config.write_text(ONLY_CT)
-    scp = StoreSCP(tmp_path / "scp", ae_title="ONLYCT", extra_args=("-xf", str(config), "OnlyCT"))
+    scp = StoreSCP(tmp_path / "scp", ae_title="ONLYCT", extra_args=only_ct(tmp_path))
     ct = make_series(tmp_path / "study" / "ct", slices=2, size=8)
     mr = make_series(tmp_path / "study" / "mr", modality="MR", slices=1, size=8)
     try:

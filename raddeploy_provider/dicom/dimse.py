@@ -78,22 +78,29 @@ def decode_associate_rq(body: bytes | memoryview) -> A_ASSOCIATE:
     return rq.to_primitive()
 
 
-def associate_ac(called_ae: str, calling_ae: str, results: list[PresentationContext],
-                 max_pdu_length: int) -> bytes:
-    """The A-ASSOCIATE-AC PDU (PS3.8 9.3.3): the AE titles as requested, the presentation
-    contexts' negotiated ``results``, our maximum PDU length, implementation class and version."""
-    accept = A_ASSOCIATE()
-    accept.application_context_name = APPLICATION_CONTEXT
-    accept.calling_ae_title = calling_ae
-    accept.called_ae_title = called_ae
-    accept.presentation_context_definition_results_list = results
+def _associate(called_ae: str, calling_ae: str, max_pdu_length: int) -> A_ASSOCIATE:
+    """An A-ASSOCIATE primitive, either way: AE titles, the DICOM application context, the
+    largest PDU we accept, our implementation class and version."""
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = APPLICATION_CONTEXT
+    primitive.calling_ae_title = calling_ae
+    primitive.called_ae_title = called_ae
     max_length = MaximumLengthNotification()
     max_length.maximum_length_received = max_pdu_length
     impl_uid = ImplementationClassUIDNotification()
     impl_uid.implementation_class_uid = IMPLEMENTATION_CLASS_UID
     impl_name = ImplementationVersionNameNotification()
     impl_name.implementation_version_name = IMPLEMENTATION_VERSION
-    accept.user_information = [max_length, impl_uid, impl_name]
+    primitive.user_information = [max_length, impl_uid, impl_name]
+    return primitive
+
+
+def associate_ac(called_ae: str, calling_ae: str, results: list[PresentationContext],
+                 max_pdu_length: int) -> bytes:
+    """The A-ASSOCIATE-AC PDU (PS3.8 9.3.3): the AE titles as requested, the presentation
+    contexts' negotiated ``results``, our maximum PDU length, implementation class and version."""
+    accept = _associate(called_ae, calling_ae, max_pdu_length)
+    accept.presentation_context_definition_results_list = results
     ac = A_ASSOCIATE_AC()
     ac.from_primitive(accept)
     return ac.encode()
@@ -124,18 +131,8 @@ def associate_rq(called_ae: str, calling_ae: str, contexts: list[PresentationCon
                  max_pdu_length: int) -> bytes:
     """The A-ASSOCIATE-RQ PDU (PS3.8 9.3.2): ``contexts`` (each with its odd context ID), the
     largest PDU we accept, our implementation class and version."""
-    request = A_ASSOCIATE()
-    request.application_context_name = APPLICATION_CONTEXT
-    request.calling_ae_title = calling_ae
-    request.called_ae_title = called_ae
+    request = _associate(called_ae, calling_ae, max_pdu_length)
     request.presentation_context_definition_list = contexts
-    max_length = MaximumLengthNotification()
-    max_length.maximum_length_received = max_pdu_length
-    impl_uid = ImplementationClassUIDNotification()
-    impl_uid.implementation_class_uid = IMPLEMENTATION_CLASS_UID
-    impl_name = ImplementationVersionNameNotification()
-    impl_name.implementation_version_name = IMPLEMENTATION_VERSION
-    request.user_information = [max_length, impl_uid, impl_name]
     return A_ASSOCIATE_RQ(request).encode()
 
 

@@ -16,7 +16,7 @@ from pydicom.data import get_testdata_file
 from pynetdicom.presentation import build_context, negotiate_as_acceptor
 
 from dicom_factory import make_series
-from peers import StoreSCP, free_port, make_certificates
+from peers import StoreSCP, free_port, make_certificates, only_ct
 from raddeploy_provider.dicom import dimse
 from raddeploy_provider.dicom.scu import (
     EXPLICIT_VR_LE, IMPLICIT_VR_LE, MAX_PDU_RECEIVED, Node, NodeUnreachable, SendError, SendReport, Tls, echo,
@@ -99,27 +99,10 @@ def test_unreadable_file_is_reported_and_the_rest_sent(storescp, tmp_path):
                                              "(unreadable file): not a DICOM Part 10 file")
 
 
-ONLY_CT = """
-[[TransferSyntaxes]]
-[Uncompressed]
-TransferSyntax1 = LocalEndianExplicit
-TransferSyntax2 = LittleEndianImplicit
-
-[[PresentationContexts]]
-[OnlyCT]
-PresentationContext1 = VerificationSOPClass\\Uncompressed
-PresentationContext2 = CTImageStorage\\Uncompressed
-
-[[Profiles]]
-[OnlyCT]
-PresentationContexts = OnlyCT
-"""
 
 
 def test_a_node_that_takes_one_sop_class_refuses_the_other(tmp_path):
-    config = tmp_path / "only_ct.cfg"
-    config.write_text(ONLY_CT)
-    scp = StoreSCP(tmp_path / "out", extra_args=("-xf", str(config), "OnlyCT"))
+    scp = StoreSCP(tmp_path / "out", extra_args=only_ct(tmp_path))
     ct = make_series(tmp_path / "ct", slices=3)
     mr = make_series(tmp_path / "mr", slices=2, modality="MR")
     mixed = [ct.files[0], mr.files[0], ct.files[1], mr.files[1], ct.files[2]]
