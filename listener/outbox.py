@@ -10,20 +10,34 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from raddeploy_provider.airflow_client import AirflowClient, AirflowUnavailable, TriggerRejected
 from raddeploy_provider.store import StudyIndex
+from raddeploy_provider.units import format_duration
 
 log = logging.getLogger("raddeploy.listener.outbox")
 
 
-class OutboxDelivery:
-    """A thread that posts pending triggers; :meth:`wake` after committing new ones."""
+#: A refused trigger waits 1 s, 2 s, 4 s, ... up to this long between tries.
+MAX_REFUSED_BACKOFF = 300.0
 
-    def __init__(self, index: StudyIndex, client: AirflowClient, max_backoff: float = 5.0) -> None:
+
+class OutboxDelivery:
+    """A thread that posts pending triggers; :meth:`wake` after committing new ones.
+
+    Airflow unreachable: everything waits, with one back-off for the whole loop. A trigger
+    Airflow refuses (its DAG deleted, renamed, not parsed yet) waits on its own back-off, so
+    the others keep flowing; refused for longer than ``give_up_after`` seconds, it is given
+    up, logged as an error and kept in the outbox for ``raddeploy status``.
+    """
+
+    def __init__(self, index: StudyIndex, client: AirflowClient, max_backoff: float = 5.0,
+                 give_up_after: float = 6 * 3600.0) -> None:
         self.index = index
         self.client = client
         self.max_backoff = max_backoff
+        self.give_up_after = give_up_after
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
@@ -44,7 +58,7 @@ class OutboxDelivery:
         while not self._stop.is_set():
             self._wake.clear()
             try:
-                left = self.deliver_pending()
+                self.deliver_pending()
             except AirflowUnavailable as exc:
                 log.warning("Airflow unreachable (%s); triggers stay in the outbox, retry in %.0f s",
                             exc, backoff)
@@ -56,16 +70,14 @@ class OutboxDelivery:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.max_backoff)
                 continue
-            if left:
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, self.max_backoff)
-            else:
-                backoff = 0.5
-                self._wake.wait(timeout=5.0)
+            backoff = 0.5
+            due = self.index.next_trigger_due()
+            wait = 5.0 if due is None else min(5.0, max(0.0, due - time.time()))
+            self._wake.wait(timeout=wait)
 
     def deliver_pending(self) -> int:
-        """Post every pending trigger once; return how many are still pending."""
-        left = 0
+        """Post every trigger that is due once; return how many Airflow refused."""
+        refused = 0
         for item in self.index.pending_triggers():
             try:
                 outcome = self.client.trigger(item.dag_id, item.run_id, item.conf)
@@ -73,12 +85,17 @@ class OutboxDelivery:
                 self.index.mark_failed_attempt(item.id, f"Airflow unreachable: {exc}")
                 raise
             except TriggerRejected as exc:
-                self.index.mark_failed_attempt(item.id, str(exc))
-                if item.attempts in (0, 5) or item.attempts % 50 == 0:
-                    log.warning("trigger of %s run %s refused (%s); will retry", item.dag_id, item.run_id, exc)
-                left += 1
+                refused += 1
+                delay = min(2.0 ** item.attempts, MAX_REFUSED_BACKOFF)
+                if self.index.mark_refused(item.id, str(exc), time.time() + delay, self.give_up_after):
+                    log.error("trigger of %s run %s given up: Airflow refused it for %s (%s); the instances "
+                              "are stored; trigger the run by hand once the flow exists", item.dag_id,
+                              item.run_id, format_duration(self.give_up_after), exc)
+                elif item.attempts in (0, 5) or item.attempts % 50 == 0:
+                    log.warning("trigger of %s run %s refused (%s); next try in %.0f s", item.dag_id,
+                                item.run_id, exc, delay)
                 continue
             self.index.mark_delivered(item.id)
             log.info("run %s of %s %s", item.run_id, item.dag_id,
                      "triggered" if outcome.created else "already existed")
-        return left
+        return refused

@@ -234,3 +234,44 @@ def test_concurrent_writers_and_a_closing_sensor(index: StudyIndex) -> None:
     # the last close saw everything; each close saw at least what the one before saw
     assert closed_with[-1] == all_sops
     assert all(a <= b for a, b in zip(closed_with, closed_with[1:]))
+
+
+def test_refused_triggers_wait_their_own_back_off_and_newer_ones_come_first(index: StudyIndex) -> None:
+    for n in range(3):
+        index.add(inst(n, study=f"1.2.826.0.9.{n}"), {"gone_flow": NEVER})
+    refused = index.pending_triggers()
+    assert len(refused) == 3
+    now = time.time()
+    for item in refused:
+        assert index.mark_refused(item.id, "HTTP 404: DAG not found", now + 60, give_up_after=3600) is False
+    index.add(inst(9, study="1.2.826.0.9.9"), {"good_flow": NEVER})
+    assert [i.dag_id for i in index.pending_triggers()] == ["good_flow"]  # the refused wait; the new one flows
+    assert [i.dag_id for i in index.pending_triggers(now=now + 61)] == ["good_flow"] + ["gone_flow"] * 3
+    assert index.next_trigger_due() <= time.time()
+    later = index.pending_triggers(now=now + 61)[1]
+    assert (later.attempts, later.last_error) == (1, "HTTP 404: DAG not found")
+    assert later.first_refused_at is not None and later.first_refused_at <= time.time()
+
+
+def test_a_trigger_refused_longer_than_the_give_up_time_is_given_up(index: StudyIndex) -> None:
+    index.add(inst(1), {"gone_flow": NEVER})
+    [item] = index.pending_triggers()
+    assert index.mark_refused(item.id, "HTTP 404", time.time(), give_up_after=0.2) is False
+    time.sleep(0.25)  # the give-up time is measured from the first refusal: let it pass
+    assert index.mark_refused(item.id, "HTTP 404", time.time(), give_up_after=0.2) is True
+    assert index.pending_triggers(now=time.time() + 1e6) == [] and index.next_trigger_due() is None
+    assert [(g.run_id, g.attempts) for g in index.given_up_triggers()] == [(f"{STUDY}.1", 2)]
+
+
+def test_an_index_made_before_the_outbox_back_off_gets_its_columns(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as db:  # the outbox table as the first release made it
+        db.execute("CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, dag_id TEXT NOT NULL, run_id TEXT "
+                   "NOT NULL, conf TEXT NOT NULL, created_at REAL NOT NULL, delivered_at REAL, attempts INTEGER NOT "
+                   "NULL DEFAULT 0, last_error TEXT NOT NULL DEFAULT '', UNIQUE (dag_id, run_id))")
+        db.execute("INSERT INTO outbox (dag_id, run_id, conf, created_at) VALUES ('f', 'r.1', '{}', 1)")
+    index = StudyIndex(path)
+    [item] = index.pending_triggers()
+    assert (item.dag_id, item.attempts, item.first_refused_at) == ("f", 0, None)
+    assert index.mark_refused(item.id, "HTTP 404", time.time() + 30, give_up_after=60) is False
+    index.close()
