@@ -1,13 +1,14 @@
 """The listener's policy, apart from the protocol: who may associate, and what a stored instance is answered.
 
 Pure decisions on plain values: no network, no sockets. The one outside call is the free-disk
-check, ``shutil.disk_usage`` of the store's file system, made once per association request.
+check, ``os.statvfs`` of the store's file system (a few microseconds), made for each
+association request and again for each instance (and every few MiB of a large one).
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
+import os
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from raddeploy_provider.dicom.dimse import (
     Status,
 )
 from raddeploy_provider.store import StoreError
+from raddeploy_provider.store.errors import OtherPatient
 
 #: What to check when the data dir cannot be written (said by every log line about it).
 DATA_DIR_HINT = "check free space and permissions of the data dir"
@@ -56,7 +58,8 @@ class AcceptPolicy:
 
     ``allowed_networks``: addresses or CIDR blocks (empty: any). ``min_free_disk``: bytes
     that must stay free on the store's file system, else associations are refused as
-    "transient, local limit exceeded" so senders retry later.
+    "transient, local limit exceeded" so senders retry later, and instances on an open
+    association "out of resources" (0xA700; :meth:`disk_refusal`).
     """
 
     ae_title: str
@@ -80,20 +83,46 @@ class AcceptPolicy:
         why = allow.calling_refusal(calling)
         if why:
             return Refusal.permanent(USER_CALLING_AE_NOT_RECOGNIZED, why)
-        if self.min_free_disk and self.store_dir is not None:
-            free = shutil.disk_usage(self.store_dir).free
-            if free < self.min_free_disk:
-                return Refusal(REJECTED_TRANSIENT, SOURCE_PROVIDER_PRESENTATION, PROVIDER_LOCAL_LIMIT_EXCEEDED,
-                               f"only {free // 2**20} MiB free on the store, below "
-                               f"RADDEPLOY_MIN_FREE_DISK ({self.min_free_disk // 2**20} MiB)")
+        why = self.disk_refusal()
+        if why:
+            return Refusal(REJECTED_TRANSIENT, SOURCE_PROVIDER_PRESENTATION, PROVIDER_LOCAL_LIMIT_EXCEEDED, why)
         if application_context != APPLICATION_CONTEXT:
             return Refusal.permanent(USER_NO_REASON, "not the DICOM application context")
         return None
 
+    def disk_refusal(self) -> str | None:
+        """Why nothing more may be received now (the store's free space is below the
+        watermark), or None. Asked per association and per instance: a statvfs call."""
+        if not self.min_free_disk or self.store_dir is None:
+            return None
+        try:
+            st = os.statvfs(self.store_dir)
+        except OSError as exc:
+            return f"cannot check the store's free space: {exc}"
+        free = st.f_bavail * st.f_frsize
+        if free >= self.min_free_disk:
+            return None
+        return (f"only {free // 2**20} MiB free on the store, below "
+                f"RADDEPLOY_MIN_FREE_DISK ({self.min_free_disk // 2**20} MiB)")
+
+
+class DataSetMismatch(Exception):
+    """The data set names another SOP class or instance than the C-STORE request that carried it."""
+
+
+def data_set_mismatch(sop_class: str, sop_instance: str, request_class: str, request_instance: str) -> str | None:
+    """Why a data set with these UIDs does not match its C-STORE request (Affected SOP Class UID,
+    Affected SOP Instance UID), or None. Answered 0xA900, as DCMTK's storescp does for both."""
+    if sop_class != request_class:
+        return f"the data set's SOP Class UID {sop_class} is not the request's {request_class[:64]}"
+    if sop_instance != request_instance:
+        return f"the data set's SOP Instance UID {sop_instance} is not the request's {request_instance[:64]}"
+    return None
+
 
 #: What the study store raises for an instance it cannot understand (pydicom's, its own, a
-#: truncated or malformed header).
-BAD_DATA = (InvalidDicomError, StoreError, ValueError, EOFError, struct_error)
+#: truncated or malformed header; RecursionError: pydicom on sequences nested too deep).
+BAD_DATA = (InvalidDicomError, StoreError, ValueError, EOFError, struct_error, RecursionError)
 #: What it raises when it cannot write now: the disk (OSError) or the index (full or locked).
 NO_RESOURCES = (OSError, sqlite3.OperationalError)
 
@@ -112,7 +141,9 @@ class IngestVerdict:
     traceback: bool = False
 
 
+_MISMATCH = IngestVerdict(Status.DATA_SET_MISMATCH, logging.WARNING, "instance from %s@%s refused: %s")
 _REFUSED = IngestVerdict(Status.CANNOT_UNDERSTAND, logging.WARNING, "instance from %s@%s refused: %s")
+_OTHER_PATIENT = IngestVerdict(Status.OTHER_PATIENT, logging.WARNING, "instance from %s@%s refused: %s")
 _CANNOT_STORE = IngestVerdict(Status.OUT_OF_RESOURCES, logging.ERROR,
                               f"cannot store an instance from %s@%s: %s ({DATA_DIR_HINT})")
 _UNEXPECTED = IngestVerdict(Status.CANNOT_UNDERSTAND, logging.ERROR,
@@ -122,6 +153,10 @@ _UNEXPECTED = IngestVerdict(Status.CANNOT_UNDERSTAND, logging.ERROR,
 def ingest_verdict(exc: Exception) -> IngestVerdict:
     """The answer to an instance whose ingest raised ``exc`` (PS3.4 B.2.3): bad data cannot be
     understood (resending it won't help); out of resources, the sender keeps it and retries."""
+    if isinstance(exc, DataSetMismatch):
+        return _MISMATCH
+    if isinstance(exc, OtherPatient):
+        return _OTHER_PATIENT
     if isinstance(exc, BAD_DATA):
         return _REFUSED
     if isinstance(exc, NO_RESOURCES):

@@ -6,13 +6,14 @@ Run as ``raddeploy listen``. Needs no Airflow installation: it reaches Airflow o
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
 from pathlib import Path
 
 from raddeploy_provider.airflow_client import AirflowClient
-from raddeploy_provider.config import Settings, configure_logging, load_settings
+from raddeploy_provider.config import PROCESS_UMASK, Settings, configure_logging, load_settings
 from raddeploy_provider.dicom.allowlist import AllowList
 from raddeploy_provider.dicom.dimse import Status
 from raddeploy_provider.flows import matched_triggers
@@ -20,9 +21,9 @@ from raddeploy_provider.flows.registry import FlowRegistry
 from raddeploy_provider.store import IngestResult, StudyStore
 from raddeploy_provider.store.header import InstanceHeader
 
-from .association import Sender
+from .association import Sender, StoreRequest
 from .outbox import OutboxDelivery
-from .policy import AcceptPolicy, ingest_verdict
+from .policy import AcceptPolicy, DataSetMismatch, data_set_mismatch, ingest_verdict
 from .server import DicomServer, tls_context
 
 log = logging.getLogger("raddeploy.listener")
@@ -39,7 +40,7 @@ class Listener:
         self.store = StudyStore(settings.data_dir, fsync=settings.fsync)
         self.flows = FlowRegistry(settings.flows_dir)
         self.client = AirflowClient(settings.airflow_url, settings.airflow_user, settings.airflow_password)
-        self.outbox = OutboxDelivery(self.store.index, self.client)
+        self.outbox = OutboxDelivery(self.store.index, self.client, give_up_after=settings.outbox_give_up)
         self._stopping = threading.Event()
         self._hasher = threading.Thread(target=self._hash_when_idle, name="hasher", daemon=True)
         allow = AllowList.parse(settings.allowed_calling_aets, settings.allowed_networks)
@@ -55,12 +56,36 @@ class Listener:
             tls = tls_context(settings.tls_cert, settings.tls_key, settings.tls_ca)
         self.server = DicomServer(settings.listen_host, settings.listen_port, policy, self.handle_store,
                                   self.store.layout.incoming, tls=tls,
-                                  on_association_end=lambda sender: self.store.index.association_ended(sender.association))
+                                  on_association_end=self._association_ended,
+                                  idle_timeout=settings.association_idle_timeout,
+                                  setup_timeout=settings.association_setup_timeout,
+                                  max_connections=settings.max_connections,
+                                  max_connections_per_host=settings.max_connections_per_host)
 
-    def handle_store(self, path: Path, sender: Sender, head: bytes) -> int:
-        """A received file (consumed either way): into the store, runs opened, the DIMSE status for the sender."""
+    def _association_ended(self, sender: Sender) -> None:
+        """In the association's thread, as it ends: its studies are no longer being received, and
+        the thread's index connection is closed (a thread per association: else a few descriptors
+        per association stay open until the garbage collector finds them)."""
         try:
-            result = self.store.ingest(path, self.select_flows, calling_ae=sender.calling_ae, peer=sender.peer,
+            self.store.index.association_ended(sender.association)
+        finally:
+            self.store.index.close()
+
+    def handle_store(self, path: Path, sender: Sender, head: bytes, request: StoreRequest | None = None) -> int:
+        """A received file (consumed either way): into the store, runs opened, the DIMSE status for the sender.
+
+        ``request``: what the C-STORE request said the data set is; a data set that says
+        otherwise is refused (0xA900) from the header the store reads, before anything is kept.
+        """
+        def select(header: InstanceHeader) -> dict[str, float]:  # the store asks before it indexes
+            why = request and data_set_mismatch(header.sop_class_uid, header.sop_uid, request.sop_class_uid,
+                                                request.sop_instance_uid)
+            if why:
+                raise DataSetMismatch(why)
+            return self.select_flows(header)
+
+        try:
+            result = self.store.ingest(path, select, calling_ae=sender.calling_ae, peer=sender.peer,
                                        association=sender.association, head=head)
         except Exception as exc:
             verdict = ingest_verdict(exc)
@@ -120,18 +145,40 @@ class Listener:
                 leftover.unlink()
 
 
+#: Addresses that mean "every interface".
+ALL_INTERFACES = ("", "0.0.0.0", "::", "[::]")
+
+
+def open_to_everyone(settings: Settings) -> str | None:
+    """The start-up warning for a listener on every interface with no allow-list, or None."""
+    if settings.listen_host not in ALL_INTERFACES or settings.allowed_calling_aets or settings.allowed_networks:
+        return None
+    return (f"listening on every interface ({settings.listen_host or '*'} port {settings.listen_port}) with no "
+            "allow-list: any host that reaches this port may store DICOM here and start flows. Set "
+            "RADDEPLOY_ALLOWED_NETWORKS (e.g. 10.0.0.0/24) and/or RADDEPLOY_ALLOWED_CALLING_AETS, or "
+            "RADDEPLOY_LISTEN_HOST to one address (127.0.0.1 for this host only)")
+
+
 def serve(settings: Settings | None = None) -> None:
-    """Run until SIGINT or SIGTERM."""
-    listener = Listener(settings or load_settings())
+    """Run until SIGINT or SIGTERM, with umask 027 (the store's files 0640, its folders 0750)."""
+    os.umask(PROCESS_UMASK)
+    settings = settings or load_settings()
+    warning = open_to_everyone(settings)
+    if warning:
+        log.warning(warning)
+    listener = Listener(settings)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
+    listener.server.on_fatal = lambda exc: done.set()  # the accept loop failed: exit non-zero, be restarted
     listener.start()
     try:
         done.wait()
     finally:
         log.info("stopping")
         listener.stop()
+    if listener.server.failed is not None:
+        raise SystemExit(1)
 
 
 def main() -> int:

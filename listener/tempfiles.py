@@ -23,7 +23,7 @@ def create(folder: Path) -> tuple[int, str]:
     while True:
         name = os.path.join(folder, f"{os.getpid()}-{next(_ids)}.part")
         try:
-            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), name
+            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640), name
         except FileExistsError:
             continue
 

@@ -241,10 +241,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"starting Airflow (logs: {stack.logs_dir}/airflow.log) ...", flush=True)
     stack.start()
     password = stack.passwords()["admin"]
+    reach = ("this host only; RADDEPLOY_LISTEN_HOST=0.0.0.0 accepts others (set RADDEPLOY_ALLOWED_NETWORKS too)"
+             if stack.dicom_host in ("127.0.0.1", "::1", "localhost") else
+             "other hosts may connect (README: Security)")
     print(f"""
 raddeploy is running.
   Airflow UI:   {stack.api_url}   user admin, password {password}
-  DICOM:        AE title {args.ae_title}, port {args.port}   (try: TCP_NODELAY=1 echoscu -aec {args.ae_title} localhost {args.port})
+  DICOM:        AE title {args.ae_title}, port {args.port} on {stack.dicom_host}   (try: TCP_NODELAY=1 echoscu -aec {args.ae_title} localhost {args.port})
+                {reach}
   flows:        {stack.flows_dir}
   data:         {stack.data_dir}
 Ctrl-C stops everything.

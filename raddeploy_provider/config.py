@@ -12,10 +12,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from raddeploy_provider.gpu import default_lock_dir
 from raddeploy_provider.store.layout import DataDir
-from raddeploy_provider.units import parse_size
+from raddeploy_provider.units import parse_duration, parse_size
 
 PREFIX = "RADDEPLOY_"
+#: The file creation mask of our processes (listener, the embedded stack's Airflow): files 0640,
+#: folders 0750, nothing for other users (README "Security").
+PROCESS_UMASK = 0o027
 
 
 def _env(name: str, default: str) -> str:
@@ -45,11 +49,16 @@ class Settings:
     tls_cert: Path | None
     tls_key: Path | None
     tls_ca: Path | None
+    max_connections: int  # the listener's open connections, all peers together
+    max_connections_per_host: int  # ... and from one peer address
+    association_setup_timeout: float  # s from TCP accept to a complete A-ASSOCIATE-RQ (TLS included)
+    association_idle_timeout: float  # s an association may stay silent
     gpu_mode: str
     gpu_lock_dir: Path
     gpu_lease_timeout: float
     model_mem_limit: int
     model_pids_limit: int
+    outbox_give_up: float  # seconds a trigger Airflow keeps refusing is retried before it is given up
 
     @property
     def data(self) -> DataDir:
@@ -76,6 +85,14 @@ def _size(name: str, default: str) -> int:
         return parse_size(text)
     except ValueError:
         raise ValueError(f"{PREFIX}{name}={text!r}: write bytes or a number with k, m or g (2g)") from None
+
+
+def _duration(name: str, default: str) -> float:
+    text = _env(name, default)
+    try:
+        return parse_duration(text)
+    except ValueError:
+        raise ValueError(f"{PREFIX}{name}={text!r}: write seconds or a number with s, m or h (30s, 6h)") from None
 
 
 def _host_memory() -> int:
@@ -110,11 +127,16 @@ def load_settings() -> Settings:
         tls_cert=_path("TLS_CERT"),
         tls_key=_path("TLS_KEY"),
         tls_ca=_path("TLS_CA"),
+        max_connections=int(_env("MAX_CONNECTIONS", "200")),
+        max_connections_per_host=int(_env("MAX_CONNECTIONS_PER_HOST", "20")),
+        association_setup_timeout=_duration("ASSOCIATION_SETUP_TIMEOUT", "30s"),
+        association_idle_timeout=_duration("ASSOCIATION_IDLE_TIMEOUT", "60s"),
         gpu_mode=_choice("GPU_MODE", "device_request", ("device_request", "env")),
-        gpu_lock_dir=Path(_env("GPU_LOCK_DIR", "/tmp/raddeploy-gpu-locks")),
+        gpu_lock_dir=_path("GPU_LOCK_DIR") or default_lock_dir(),  # private, never a path in /tmp
         gpu_lease_timeout=float(_env("GPU_LEASE_TIMEOUT", "3600")),
         model_mem_limit=_size("MODEL_MEM_LIMIT", str(int(_host_memory() * 0.75))),
         model_pids_limit=int(_env("MODEL_PIDS_LIMIT", "4096")),
+        outbox_give_up=_duration("OUTBOX_GIVE_UP", "6h"),
     )
 
 

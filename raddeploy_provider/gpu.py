@@ -6,7 +6,10 @@
   Each task therefore takes, at run time, an exclusive lock per device id (``flock`` on a
   file in a host-local folder). The kernel drops the locks when the task process dies, crash
   or SIGKILL included, so a GPU is never lost to a dead task, and two live tasks never share
-  one.
+  one. The folder is private: this user's, created 0700, never a symbolic link nor group- or
+  world-writable (:func:`open_lock_dir`); the default (:func:`default_lock_dir`) is no
+  predictable path in ``/tmp``, and a lock file is opened without following a link and
+  without truncating it before it is checked.
 - **The container's share**: the labels that mark a container as holding leased GPUs, and
   the two ways to hand the ids over (a Docker device request, or ``NVIDIA_VISIBLE_DEVICES``
   where NVIDIA's runtime is Docker's default); which left-over containers hold our GPUs.
@@ -16,10 +19,12 @@ No Airflow and no Docker import: tested alone, with real processes.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
 import shutil
+import stat
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -67,6 +72,80 @@ class LeaseTimeout(Exception):
     """No set of free devices came up in time."""
 
 
+class UnsafeLockDir(PermissionError):
+    """The lock folder or a lock file in it is not this user's private file: refused, left untouched."""
+
+
+def default_lock_dir(env: Mapping[str, str] = os.environ, euid: int | None = None) -> Path:
+    """Where GPU locks live unless ``RADDEPLOY_GPU_LOCK_DIR`` says: a folder only this user can write.
+
+    Root: ``/run/raddeploy/gpu-locks``; another user: ``$XDG_RUNTIME_DIR/raddeploy-gpu-locks``,
+    else ``$XDG_CACHE_HOME`` (or ``~/.cache``) ``/raddeploy/gpu-locks``. Every worker of a host
+    must run as the same user to share the leases (or name one folder of that user's).
+    """
+    if (os.geteuid() if euid is None else euid) == 0:
+        return Path("/run/raddeploy/gpu-locks")
+    runtime = env.get("XDG_RUNTIME_DIR")
+    if runtime and Path(runtime).is_absolute():
+        return Path(runtime) / "raddeploy-gpu-locks"
+    cache = env.get("XDG_CACHE_HOME")
+    base = Path(cache) if cache and Path(cache).is_absolute() else Path.home() / ".cache"
+    return base / "raddeploy" / "gpu-locks"
+
+
+def _refuse(path: Path, problem: str) -> UnsafeLockDir:
+    return UnsafeLockDir(f"GPU lock {path} {problem}: refused, nothing written there. Remove it, or set "
+                         "RADDEPLOY_GPU_LOCK_DIR to a folder of this user's that no one else may write")
+
+
+def open_lock_dir(path: Path) -> int:
+    """An open descriptor of the lock folder, made 0700 if absent; :class:`UnsafeLockDir` if it is a
+    symbolic link, not a folder, another user's, or group- or world-writable."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise _refuse(path, "is a symbolic link or not a folder") from None
+        raise
+    info = os.fstat(fd)
+    problem = None
+    if info.st_uid != os.geteuid():
+        problem = f"is owned by uid {info.st_uid}, not by this user (uid {os.geteuid()})"
+    elif info.st_mode & 0o022:
+        problem = f"is group- or world-writable (mode {stat.S_IMODE(info.st_mode):04o})"
+    if problem:
+        os.close(fd)
+        raise _refuse(path, problem)
+    return fd
+
+
+def _open_lock_file(dir_fd: int, lock_dir: Path, name: str) -> int:
+    """``name`` in the lock folder, created 0600; never through a link, never truncated before it is checked."""
+    try:
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _refuse(lock_dir / name, "is a symbolic link") from None
+        raise
+    info = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(info.st_mode):
+        problem = "is not a regular file"
+    elif info.st_uid != os.geteuid():
+        problem = f"is owned by uid {info.st_uid}, not by this user (uid {os.geteuid()})"
+    elif info.st_nlink != 1:
+        problem = "has other hard links"
+    if problem:
+        os.close(fd)
+        raise _refuse(lock_dir / name, problem)
+    return fd
+
+
 class GpuLease:
     """Holds locks on ``count`` device ids out of ``device_ids``; use as a context manager."""
 
@@ -85,25 +164,37 @@ class GpuLease:
     def ids(self) -> list[str]:
         return list(self.held)
 
-    def _try(self, device_id: str) -> int | None:
-        fd = os.open(self.lock_dir / f"gpu-{device_id}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    def _try(self, dir_fd: int, device_id: str) -> int | None:
+        fd = _open_lock_file(dir_fd, self.lock_dir, f"gpu-{device_id}.lock")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             return None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())  # who holds it, for people looking
+        pid = f"{os.getpid()}\n".encode()  # who holds it, for people looking
+        os.pwrite(fd, pid, 0)
+        os.ftruncate(fd, len(pid))  # our own checked file, locked by us
         return fd
 
     def acquire(self) -> list[str]:
-        self.lock_dir.mkdir(parents=True, exist_ok=True)
+        if self.count == 0:  # a CPU model: no lock folder touched
+            return []
+        dir_fd = open_lock_dir(self.lock_dir)
+        try:
+            return self._acquire(dir_fd)
+        except BaseException:
+            self.release()
+            raise
+        finally:
+            os.close(dir_fd)
+
+    def _acquire(self, dir_fd: int) -> list[str]:
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         told = False
         while True:
             for device_id in self.device_ids:
                 if device_id not in self.held and len(self.held) < self.count:
-                    fd = self._try(device_id)
+                    fd = self._try(dir_fd, device_id)
                     if fd is not None:
                         self.held[device_id] = fd
             if len(self.held) == self.count:

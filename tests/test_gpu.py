@@ -8,9 +8,11 @@ kernel drops a lock when its holder dies, SIGKILL included.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -23,7 +25,9 @@ from raddeploy_provider.gpu import (
     GpuLease,
     LeaseTimeout,
     NotEnoughGpus,
+    UnsafeLockDir,
     container_gpus,
+    default_lock_dir,
     host_gpu_ids,
     orphans,
     scope_filter,
@@ -129,6 +133,101 @@ def test_more_than_the_host_has_is_refused_at_once(tmp_path: Path) -> None:
 def test_no_gpu_asked_for_is_no_lock(tmp_path: Path) -> None:
     with lease(tmp_path / "locks", 0, ids=[], timeout=0) as ids:
         assert ids == []
+    assert not (tmp_path / "locks").exists()  # a CPU model touches no lock folder
+
+
+# -- the lock folder is private: no /tmp path, no link, nobody else's ---------------------------
+
+def test_default_lock_dir_is_private_never_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert default_lock_dir({}, euid=0) == Path("/run/raddeploy/gpu-locks")
+    assert default_lock_dir({"XDG_RUNTIME_DIR": "/run/user/1000"}, euid=1000) == \
+        Path("/run/user/1000/raddeploy-gpu-locks")
+    assert default_lock_dir({"XDG_CACHE_HOME": "/home/u/.cache"}, euid=1000) == \
+        Path("/home/u/.cache/raddeploy/gpu-locks")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert default_lock_dir({}, euid=1000) == tmp_path / ".cache" / "raddeploy" / "gpu-locks"
+
+    from raddeploy_provider.config import load_settings
+
+    monkeypatch.delenv("RADDEPLOY_GPU_LOCK_DIR", raising=False)
+    assert load_settings().gpu_lock_dir == default_lock_dir()
+    assert not str(load_settings().gpu_lock_dir).startswith("/tmp")
+    monkeypatch.setenv("RADDEPLOY_GPU_LOCK_DIR", str(tmp_path / "mine"))
+    assert load_settings().gpu_lock_dir == tmp_path / "mine"  # the setting still wins
+
+
+def test_lock_dir_is_created_0700_and_lock_files_0600(tmp_path: Path) -> None:
+    locks = tmp_path / "deep" / "locks"
+    with lease(locks) as ids:
+        assert (locks.stat().st_mode & 0o7777) == 0o700
+        assert (locks / f"gpu-{ids[0]}.lock").stat().st_mode & 0o7777 == 0o600
+
+
+def _victim(tmp_path: Path) -> Path:
+    """A file of root's (the worker's) that a local user would like truncated."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious").write_text("keep me\n")
+    return victim / "precious"
+
+
+def test_symlinked_lock_file_is_refused_and_its_target_untouched(tmp_path: Path) -> None:
+    target = _victim(tmp_path)
+    locks = tmp_path / "locks"
+    locks.mkdir(mode=0o700)
+    (locks / "gpu-0.lock").symlink_to(target)
+    (locks / "gpu-1.lock").symlink_to(tmp_path / "victim" / "absent")  # a dangling one: not created either
+    for ids in (["0"], ["1"]):
+        with pytest.raises(UnsafeLockDir, match=r"gpu-\d\.lock is a symbolic link: refused"):
+            lease(locks, ids=ids).acquire()
+    assert target.read_text() == "keep me\n"
+    assert not (tmp_path / "victim" / "absent").exists()
+
+
+def test_hard_linked_lock_file_is_refused(tmp_path: Path) -> None:
+    target = _victim(tmp_path)
+    locks = tmp_path / "locks"
+    locks.mkdir(mode=0o700)
+    os.link(target, locks / "gpu-0.lock")
+    with pytest.raises(UnsafeLockDir, match="has other hard links"):
+        lease(locks, ids=["0"]).acquire()
+    assert target.read_text() == "keep me\n"
+
+
+def test_symlinked_lock_dir_is_refused_and_nothing_written_behind_it(tmp_path: Path) -> None:
+    behind = _victim(tmp_path).parent
+    (tmp_path / "locks").symlink_to(behind)
+    with pytest.raises(UnsafeLockDir, match="is a symbolic link or not a folder: refused"):
+        lease(tmp_path / "locks").acquire()
+    assert sorted(p.name for p in behind.iterdir()) == ["precious"]
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o702])
+def test_group_or_world_writable_lock_dir_is_refused(tmp_path: Path, mode: int) -> None:
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    locks.chmod(mode)
+    with pytest.raises(UnsafeLockDir, match=f"is group- or world-writable \\(mode {mode:04o}\\)"):
+        lease(locks).acquire()
+    assert list(locks.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: a folder of another user's, as a root worker meets it")
+def test_a_local_users_trap_in_tmp_does_not_truncate_roots_file(tmp_path: Path) -> None:
+    """The attack: user 1000 prepares the lock folder a root worker would use, with a link to root's file."""
+    target = _victim(tmp_path)
+    shared_tmp = Path(tempfile.mkdtemp(prefix="raddeploy-test-tmp-"))  # pytest's tmp_path is root's only
+    try:
+        shared_tmp.chmod(0o1777)  # like /tmp
+        trap = subprocess.run(["sh", "-c", 'mkdir -m 755 "$1" && ln -s "$2" "$1/gpu-0.lock"', "trap",
+                               str(shared_tmp / "raddeploy-gpu-locks"), str(target)],
+                              user=1000, group=1000, capture_output=True, text=True)
+        assert trap.returncode == 0, trap.stderr
+        with pytest.raises(UnsafeLockDir, match=r"is owned by uid 1000, not by this user \(uid 0\)"):
+            lease(shared_tmp / "raddeploy-gpu-locks", ids=["0"]).acquire()
+        assert target.read_text() == "keep me\n"
+    finally:
+        shutil.rmtree(shared_tmp)
 
 
 def test_timeout_when_none_frees_up(tmp_path: Path) -> None:

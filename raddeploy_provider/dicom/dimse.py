@@ -71,11 +71,27 @@ _RJ_BODY = struct.Struct(">BBBB")  # reserved, result, source, diagnostic
 ACCEPTANCE = 0x00  # a presentation context's result in an A-ASSOCIATE-AC: accepted (PS3.8 9.3.3.2)
 
 
+#: The fixed fields of an A-ASSOCIATE-RQ/AC body, before its variable items (PS3.8 9.3.2):
+#: protocol version, reserved, called and calling AE titles, 32 reserved bytes.
+_ASSOCIATE_FIXED = 68
+
+
+class MalformedPDU(ValueError):
+    """A PDU whose body cannot be decoded (its items overrun it, a value is garbage, ...)."""
+
+
 def decode_associate_rq(body: bytes | memoryview) -> A_ASSOCIATE:
-    """The A-ASSOCIATE-RQ whose PDU body (after the 6-byte header) is ``body``."""
+    """The A-ASSOCIATE-RQ whose PDU body (after the 6-byte header) is ``body``; raises
+    MalformedPDU (a ValueError) whatever pynetdicom's decoder trips on (it asserts, indexes
+    past the end, unpacks short buffers: an item longer than its PDU is any of these)."""
+    if len(body) < _ASSOCIATE_FIXED:
+        raise MalformedPDU(f"A-ASSOCIATE-RQ of {len(body)} bytes, shorter than its fixed fields")
     rq = A_ASSOCIATE_RQ()
-    rq.decode(PDU_HEAD.pack(ASSOCIATE_RQ, 0, len(body)) + bytes(body))
-    return rq.to_primitive()
+    try:
+        rq.decode(PDU_HEAD.pack(ASSOCIATE_RQ, 0, len(body)) + bytes(body))
+        return rq.to_primitive()
+    except Exception as exc:  # noqa: BLE001 - the peer's bytes, not our bug: a clean abort
+        raise MalformedPDU(f"malformed A-ASSOCIATE-RQ ({type(exc).__name__}: {exc})"[:300]) from None
 
 
 def _associate(called_ae: str, calling_ae: str, max_pdu_length: int) -> A_ASSOCIATE:
@@ -209,7 +225,14 @@ class Status(IntEnum):
 
     SUCCESS = 0x0000  # Success: the instance is stored (the sender may let it go)
     OUT_OF_RESOURCES = 0xA700  # Refused: Out of Resources, it cannot be stored now (the sender retries)
+    # Error: Data Set does not match SOP Class. DCMTK 3.6.7's storescp answers it too when the
+    # data set's SOP Instance UID is not the request's Affected SOP Instance UID (measured).
+    DATA_SET_MISMATCH = 0xA900
+    SOP_CLASS_NOT_SUPPORTED = 0x0122  # Refused: the request's SOP class is not its presentation context's
     CANNOT_UNDERSTAND = 0xC000  # Error: Cannot understand, the data set is not valid (retrying won't help)
+    # An instance of another patient than its study's: an error of the "cannot understand" range
+    # (C000-CFFF), so senders take it as permanent, with a code of its own for the PACS admin.
+    OTHER_PATIENT = 0xC001
 
 
 WARNING = range(0xB000, 0xC000)  # C-STORE warnings: stored, but coerced, trimmed or of another class
@@ -269,8 +292,10 @@ def parse_command(raw: bytes) -> Command:
     except (KeyError, struct.error):
         raise ValueError("command set lacks CommandField, CommandDataSetType or MessageID") from None
     # C-ECHO-RQ carries the class in AffectedSOPClassUID (0000,0002); C-STORE both UIDs.
-    return Command(field, message_id, _uid(values.get(0x0002, b"")), _uid(values.get(0x1000, b"")),
-                   data_set_type != NO_DATASET)
+    sop_class, sop_instance = _uid(values.get(0x0002, b"")), _uid(values.get(0x1000, b""))
+    if len(sop_class) > 64 or len(sop_instance) > 64 or not (sop_class + sop_instance).isascii():
+        raise ValueError("command set with an Affected SOP Class or Instance UID that is no UID (PS3.5 9.1)")
+    return Command(field, message_id, sop_class, sop_instance, data_set_type != NO_DATASET)
 
 
 def _element(element: int, value: bytes) -> bytes:

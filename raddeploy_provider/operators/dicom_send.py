@@ -54,7 +54,7 @@ class DicomSendOperator(BaseOperator):
     :param check_study: every result must carry the input's Study Instance UID (``new_study: allowed``).
     """
 
-    template_fields: Sequence[str] = ("dicom_conn_id", "host", "ae_title")
+    template_fields: Sequence[str] = ()  # flow text is passed literally, never rendered by Jinja
     ui_color = "#f4e1c7"
 
     def __init__(self, *, sources: Sequence[str], dicom_conn_id: str | None = None, host: str | None = None,

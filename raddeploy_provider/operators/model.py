@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 from datetime import datetime, timezone
@@ -54,8 +55,13 @@ class ModelOperator(DockerOperator):
     Inputs are mounted read-only; each output starts empty and must hold a file when the
     container exits; static assets are mounted read-only; ``config`` is written as YAML to
     ``config_path``. Safe defaults: no network (unless the flow asks), no new privileges,
-    every capability dropped, a memory and a pids limit, the image's own user. A model with
-    ``gpu: N`` leases N device ids of this host for as long as it runs (see
+    every capability dropped, a memory and a pids limit, the image's own user. Permissions:
+    an output folder is 2770 with the data dir's group, the config file 0640, and the
+    container is a member of that group (``group_add``), so a model running as any user, or
+    as root without capabilities, reads its 0640 inputs and writes its outputs while other
+    users of the host can do neither (README "Security"). The flow's text is passed to
+    Docker literally: nothing of it is a Jinja template (``template_fields`` is empty).
+    A model with ``gpu: N`` leases N device ids of this host for as long as it runs (see
     :mod:`raddeploy_provider.gpu`). Failures say why: a :class:`ModelFailed` with the exit
     code, out of memory, and the last lines of the container's log; timeout, image not found.
     Each run is recorded in the run manifest.
@@ -71,7 +77,11 @@ class ModelOperator(DockerOperator):
     Other keywords go to :class:`DockerOperator` and Airflow's BaseOperator.
     """
 
-    template_fields: Sequence[str] = tuple(DockerOperator.template_fields)
+    # Flow text is data, never a template: `{{ conn.x.password }}` in a command or environment must
+    # not be rendered into the container, and a command ending in `.sh` is not a template file.
+    template_fields: Sequence[str] = ()
+    template_ext: Sequence[str] = ()
+    template_fields_renderers: dict[str, str] = {}
     ui_color = "#c7e3f4"
 
     def __init__(self, *, model: ModelSpec, flow_id: str, flow_version: str = "",
@@ -99,6 +109,7 @@ class ModelOperator(DockerOperator):
 
     # -- preparing ---------------------------------------------------------------------------
     def _prepare_mounts(self, run: RunDir, settings: Settings) -> list[Mount]:
+        gid = _data_group(settings)
         mounts = []
         for name, target in self.model.inputs.items():
             source = run.mount(name)
@@ -111,7 +122,7 @@ class ModelOperator(DockerOperator):
             if folder.exists():  # a retry starts from an empty output, never a half-written one
                 shutil.rmtree(folder)
             folder.mkdir(parents=True)
-            folder.chmod(0o777)  # whatever user the image runs as can write its results
+            _share_with_group(folder, gid, 0o2770)  # the container writes as a group member; others nothing
             mounts.append(Mount(target=target, source=str(folder), type="bind", read_only=False))
         static_dir = settings.data.static
         for name, target in self.model.static_mounts.items():
@@ -124,7 +135,7 @@ class ModelOperator(DockerOperator):
             config_file = run.config_file(self.task_id)
             config_file.parent.mkdir(parents=True, exist_ok=True)
             config_file.write_text(yaml.safe_dump(self.model.config, sort_keys=False))
-            config_file.chmod(0o644)
+            _share_with_group(config_file, gid, 0o640)
             mounts.append(Mount(target=self.model.config_path, source=str(config_file), type="bind",
                                 read_only=True))
         return mounts
@@ -134,6 +145,8 @@ class ModelOperator(DockerOperator):
             "security_opt": ["no-new-privileges"],
             "cap_drop": ["ALL"],
             "pids_limit": settings.model_pids_limit,
+            # The data dir's group: 0640 inputs readable, 2770 outputs writable, whatever the user.
+            "group_add": [str(_data_group(settings))],
             **self.model.host_config,
         }
         if self.mem_limit is None:
@@ -188,6 +201,8 @@ class ModelOperator(DockerOperator):
                     record["gpus"] = ids
                     self._use_gpus(ids, settings)
                 self._run(context, record)
+        except gpu.UnsafeLockDir as exc:  # no retry: a person must look at the lock folder
+            raise AirflowFailException(f"model {self.task_id}: {exc}") from None
         finally:
             record["ended"] = _now()
             manifest.record(run, self.task_id, record)
@@ -276,6 +291,22 @@ class ModelOperator(DockerOperator):
         if self.container is not None:
             self.log.info("stopping and removing container %s", self.container["Id"][:12])
             self._remove()
+
+
+def _data_group(settings: Settings) -> int:
+    """The group of the data dir: the one group, besides the owner, that may read and write run folders."""
+    return os.stat(settings.data_dir).st_gid
+
+
+def _share_with_group(path: Path, gid: int, mode: int) -> None:
+    """``path`` in group ``gid`` with ``mode`` (a setgid folder keeps the group for what the model writes)."""
+    if os.stat(path).st_gid != gid:
+        try:
+            os.chown(path, -1, gid)
+        except PermissionError:
+            raise AirflowFailException(f"cannot give {path} the data dir's group (gid {gid}): run the "
+                                       "worker as a member of that group") from None
+    os.chmod(path, mode)
 
 
 def _now() -> str:

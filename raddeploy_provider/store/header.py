@@ -130,14 +130,41 @@ def read_header(path: Path, head: bytes | None = None) -> InstanceHeader:
             tags, meta = walked.tags, walked.meta
         else:
             fh.seek(0)
-            ds = pydicom.dcmread(fh, stop_before_pixels=True, defer_size=_DEFER_SIZE)
-            stopped = fh.tell()
-            _check_pixel_data_complete(fh, ds.file_meta, size)
-            _check_values_complete(ds, fh, size, read_to_end=stopped >= size)
-            tags = _pydicom_tags(ds)
+            try:
+                ds = pydicom.dcmread(fh, stop_before_pixels=True, defer_size=_DEFER_SIZE)
+                stopped = fh.tell()
+                _check_pixel_data_complete(fh, ds.file_meta, size)
+                _check_values_complete(ds, fh, size, read_to_end=stopped >= size)
+                tags = _pydicom_tags(ds)
+                _check_depth(ds)
+            except RecursionError:  # pydicom reads nested sequences recursively
+                raise _too_deep() from None
             meta = {k: ds.file_meta.get(k) for k in ("TransferSyntaxUID", "MediaStorageSOPClassUID",
                                                       "MediaStorageSOPInstanceUID")}
     return _instance_header(tags, meta)
+
+
+def _too_deep() -> StoreError:
+    return StoreError(f"sequences nested more than {header_walk.MAX_DEPTH} deep: "
+                      "the data set cannot be read safely")
+
+
+def _check_depth(ds: pydicom.Dataset) -> None:
+    """Raise StoreError if sequences nest deeper than the walker allows (the same rule on
+    pydicom's path). Iterative, and only sequences are converted (one level at a time)."""
+    stack = [(ds, 0)]
+    while stack:
+        dataset, depth = stack.pop()
+        for tag in dataset.keys():
+            raw = dataset.get_item(tag, keep_deferred=True)
+            vr = raw.VR
+            if vr in (None, "UN"):
+                vr = header_walk.dictionary_vr(int(tag)) or vr
+            if vr != "SQ":
+                continue
+            if depth + 1 > header_walk.MAX_DEPTH:
+                raise _too_deep()
+            stack.extend((item, depth + 1) for item in dataset[tag].value)
 
 
 def _instance_header(tags: dict[str, Any], meta: dict[str, Any]) -> InstanceHeader:

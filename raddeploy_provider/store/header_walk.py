@@ -6,6 +6,10 @@ public, text-like top-level element by keyword) and stops at the pixel data. Any
 is not sure of (big endian, deflate, a character set other than the default, Latin-1 or
 UTF-8, an undefined length it cannot skip) raises :class:`Unsupported`, and the caller
 reads the file with pydicom instead: the walker is a shortcut, never a second opinion.
+
+Sequences are walked (item and element headers, no values), iteratively, to bound their
+nesting: deeper than :data:`MAX_DEPTH` is :class:`~.errors.StoreError` (the file is refused:
+pydicom and every tool after it would recurse once per level).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydicom.datadict import DicomDictionary
+
+from .errors import StoreError
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -30,12 +36,20 @@ _CHARSETS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO 2022 IR 6": "latin-1", "
              "ISO_IR 192": "utf-8"}
 _MAX_VALUE = 1024
 _UNDEFINED = 0xFFFFFFFF
+#: The deepest nesting of sequences an instance may have (a sequence at the top level is depth 1).
+MAX_DEPTH = 64
 _HEAD = struct.Struct("<HHI")
 _EXPLICIT_SHORT = struct.Struct("<HH2sH")
 _EXPLICIT_LONG = struct.Struct("<HH2s2xI")
 
 #: tag -> (VR, keyword) for public elements that have a keyword.
 _DICTIONARY = {tag: (entry[0], entry[4]) for tag, entry in DicomDictionary.items() if entry[4]}
+
+
+def dictionary_vr(tag: int) -> str | None:
+    """The VR the DICOM dictionary gives a public element, or None."""
+    entry = _DICTIONARY.get(tag)
+    return entry[0] if entry else None
 
 
 class Unsupported(Exception):
@@ -123,7 +137,7 @@ def walk(buf: bytes, whole_file: bool = False) -> Walked:
         if length == _UNDEFINED:
             if vr not in ("SQ", "UN"):
                 raise Unsupported(f"undefined length on ({group:04X},{element:04X})")
-            pos = _skip_undefined(buf, value_at, explicit and vr != "UN")  # UN content is implicit VR
+            pos = skip_sequence(buf, value_at, _UNDEFINED, explicit and vr != "UN")  # UN content is implicit VR
             continue
         next_pos = value_at + length
         if group > 0x7FE0:
@@ -131,6 +145,12 @@ def walk(buf: bytes, whole_file: bool = False) -> Walked:
         entry = _DICTIONARY.get(tag)
         if vr == "UN" and entry is not None:  # a known element sent as UN: its dictionary VR, as pydicom does
             vr = entry[0]
+            if vr == "SQ":
+                pos = skip_sequence(buf, value_at, length, False)
+                continue
+        if vr == "SQ":
+            pos = skip_sequence(buf, value_at, length, explicit)
+            continue
         if vr == "US or SS":  # pixel value tags: signed when the pixels are (PixelRepresentation 1)
             vr = "SS" if tags.get("PixelRepresentation") == "1" else "US"
         if entry is not None and element != 0x0000 and length <= _MAX_VALUE * 4:
@@ -164,35 +184,62 @@ def element_header(buf: bytes, pos: int, explicit: bool) -> tuple[str, int, int]
     return vr_bytes.decode("ascii", "replace"), struct.unpack_from("<H", buf, pos + 6)[0], pos + 8
 
 
-def _skip_undefined(buf: bytes, pos: int, explicit: bool) -> int:
-    """Skip a sequence of undefined length: items up to the sequence delimiter (nested ones too)."""
-    end = len(buf)
-    while True:
-        if pos + 8 > end:
-            raise NeedMore()
-        group, element, length = _HEAD.unpack_from(buf, pos)
-        pos += 8
-        if (group, element) == (0xFFFE, 0xE0DD):  # sequence delimiter
-            return pos
-        if (group, element) != (0xFFFE, 0xE000):
-            raise Unsupported("unexpected element inside a sequence")
-        if length != _UNDEFINED:
-            pos += length
+def skip_sequence(buf: bytes, pos: int, length: int, explicit: bool) -> int:
+    """Walk the sequence whose value starts at ``pos`` (``length``: its value length, or
+    undefined: up to its delimiter) and return the offset just after it.
+
+    Items and their elements are walked by their headers, nested sequences too, without
+    recursion; raises :class:`StoreError` when sequences nest deeper than :data:`MAX_DEPTH`.
+    An undefined-length element that is not a sequence (encapsulated pixel data, an icon's,
+    say) holds fragments: items skipped by their lengths.
+    """
+    size = len(buf)
+    # Open sequences ("S"), items ("I") and fragment lists ("F"): (kind, end or None until a
+    # delimiter, explicit VR inside).
+    stack: list[tuple[str, int | None, bool]] = [("S", None if length == _UNDEFINED else pos + length, explicit)]
+    depth = 1
+    while stack:
+        kind, end, explicit = stack[-1]
+        if end is not None and pos >= end:
+            if pos > end:
+                raise Unsupported("an item or element runs past the end of its sequence")
+            stack.pop()
+            depth -= kind == "S"
             continue
-        pos = _skip_item(buf, pos, explicit)
-
-
-def _skip_item(buf: bytes, pos: int, explicit: bool) -> int:
-    """Skip the elements of an item of undefined length, up to its delimiter."""
-    end = len(buf)
-    while True:
-        if pos + 8 > end:
+        if pos + 8 > size:
             raise NeedMore()
-        group, element = struct.unpack_from("<HH", buf, pos)
-        if (group, element) == (0xFFFE, 0xE00D):  # item delimiter
-            return pos + 8
-        vr, length, value_at = element_header(buf, pos, explicit)
+        group, element, item_length = _HEAD.unpack_from(buf, pos)
+        if kind != "I":  # a sequence or fragments: items up to the end or the delimiter
+            pos += 8
+            if (group, element) == (0xFFFE, 0xE0DD) and end is None:  # sequence delimiter
+                stack.pop()
+                depth -= kind == "S"
+            elif (group, element) != (0xFFFE, 0xE000):
+                raise Unsupported("unexpected element inside a sequence")
+            elif kind == "F":
+                if item_length == _UNDEFINED:
+                    raise Unsupported("a fragment of undefined length")
+                pos += item_length
+            else:
+                stack.append(("I", None if item_length == _UNDEFINED else pos + item_length, explicit))
+            continue
+        if (group, element) == (0xFFFE, 0xE00D) and end is None:  # item delimiter
+            pos += 8
+            stack.pop()
+            continue
+        written, length, value_at = element_header(buf, pos, explicit)
+        known = _DICTIONARY.get((group << 16) | element)
+        vr = written if explicit and written != "UN" else (known[0] if known else "UN")
         if length == _UNDEFINED:
-            pos = _skip_undefined(buf, value_at, explicit and vr != "UN")
-        else:
-            pos = value_at + length
+            if vr in ("SQ", "UN"):
+                stack.append(("S", None, explicit and written != "UN"))  # UN content is implicit VR
+                depth += 1
+            else:
+                stack.append(("F", None, explicit))
+        elif vr == "SQ":
+            stack.append(("S", value_at + length, explicit and written != "UN"))
+            depth += 1
+        if depth > MAX_DEPTH:
+            raise StoreError(f"sequences nested more than {MAX_DEPTH} deep: the data set cannot be read safely")
+        pos = value_at if length == _UNDEFINED or vr == "SQ" else value_at + length
+    return pos

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+from .errors import OtherPatient
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
     sop_uid TEXT PRIMARY KEY,
@@ -65,9 +67,22 @@ CREATE TABLE IF NOT EXISTS outbox (
     delivered_at REAL,
     attempts INTEGER NOT NULL DEFAULT 0,
     last_error TEXT NOT NULL DEFAULT '',
+    next_attempt_at REAL NOT NULL DEFAULT 0, -- a refused trigger waits (its own back-off)
+    first_refused_at REAL,                   -- when Airflow first refused it
+    given_up_at REAL,                        -- refused for longer than the give-up time: not retried
     UNIQUE (dag_id, run_id)
 );
 """
+
+
+#: (table, column, declaration) of every column added to SCHEMA after its first release, in
+#: order: an index made by an older version gets them when it is opened (SCHEMA's CREATE TABLE
+#: IF NOT EXISTS leaves an existing table as it is).
+ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("outbox", "next_attempt_at", "REAL NOT NULL DEFAULT 0"),
+    ("outbox", "first_refused_at", "REAL"),
+    ("outbox", "given_up_at", "REAL"),
+)
 
 
 @dataclass(frozen=True)
@@ -114,6 +129,7 @@ class AddResult:
     duplicate: bool  # the SOP instance was already indexed (``existing``); nothing was added
     opened: list[RunRef]
     existing: StoredInstance | None = None
+    replaced: StoredInstance | None = None  # the version this one superseded (``replaces`` of add())
 
 
 @dataclass(frozen=True)
@@ -123,6 +139,17 @@ class OutboxItem:
     run_id: str
     conf: dict[str, Any]
     attempts: int
+    first_refused_at: float | None = None
+    last_error: str = ""
+
+
+def patient_id(tags: Mapping[str, Any]) -> str:
+    """The Patient ID as the one-patient-per-study rule compares it: the text without DICOM's
+    padding, "" when absent or empty (so empty and set differ); several values joined by ``\\``."""
+    value = tags.get("PatientID", "")
+    if isinstance(value, list):
+        return "\\".join(str(v).strip(" \x00") for v in value)
+    return str(value if value is not None else "").strip(" \x00")
 
 
 def peer_host(peer: str) -> str:
@@ -147,6 +174,14 @@ class StudyIndex:
         self._local = threading.local()
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db().executescript(SCHEMA)  # idempotent; executescript manages its own transaction
+        self._add_columns()
+
+    def _add_columns(self) -> None:
+        """Columns added since an index was first made: given to an older index file as it opens."""
+        db = self._db()
+        for table, column, declaration in ADDED_COLUMNS:
+            if column not in {row["name"] for row in db.execute(f"PRAGMA table_info({table})")}:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -179,7 +214,7 @@ class StudyIndex:
 
     # -- instances ---------------------------------------------------------------------
     def add(self, inst: StoredInstance, abandon_after: Mapping[str, float], association: str = "",
-            place: Callable[[], None] | None = None) -> AddResult:
+            place: Callable[[], None] | None = None, replaces: str | None = None) -> AddResult:
         """Index ``inst`` and open a run for each flow in ``abandon_after`` that has none collecting.
 
         ``abandon_after`` maps the DAG id of each flow the instance is relevant to, to the
@@ -191,25 +226,48 @@ class StudyIndex:
         the file where ``inst.path`` says) runs inside the transaction, once the instance is
         known to be new: one round trip, and no other writer can index the same instance in
         between.
+
+        ``replaces``: the path of the indexed version of this SOP instance that the caller found
+        to hold other bytes; ``inst`` (at a path of its own) then takes its row and opens runs as
+        a new instance does. If the row no longer has that path, nothing changes (``duplicate``,
+        with the row as it is now). Raises :class:`OtherPatient`, before anything is placed, if
+        the study's other instances have another Patient ID (:func:`patient_id`).
         """
         with self._tx() as db:
             row = db.execute("SELECT * FROM instances WHERE sop_uid = ?", (inst.sop_uid,)).fetchone()
-            if row is not None:
+            if row is not None and (replaces is None or row["path"] != replaces):
                 return AddResult(duplicate=True, opened=[], existing=_instance(row))
+            self._check_patient(db, inst)
             if place is not None:
                 place()
             if association:
                 db.execute("INSERT INTO receiving VALUES (?,?,?) ON CONFLICT (study_uid, association) "
                            "DO UPDATE SET last_seen = excluded.last_seen", (inst.study_uid, association, inst.received_at))
             db.execute(
-                "INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                # REPLACE: a new version takes the row of the one it supersedes (``replaces``)
+                f"INSERT{' OR REPLACE' if row is not None else ''} INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (inst.sop_uid, inst.study_uid, inst.series_uid, inst.sop_class_uid,
                  inst.transfer_syntax, inst.path, inst.size, inst.sha256, inst.received_at,
                  inst.calling_ae, inst.peer, json.dumps(inst.tags, separators=(",", ":"))),
             )
             opened = [run for dag_id, after in abandon_after.items()
                       if (run := self._open_run(db, dag_id, inst.study_uid, after))]
-        return AddResult(duplicate=False, opened=opened)
+        return AddResult(duplicate=False, opened=opened, replaced=_instance(row) if row is not None else None)
+
+    @staticmethod
+    def _check_patient(db: sqlite3.Connection, inst: StoredInstance) -> None:
+        """Raise OtherPatient if the study's other instances have another Patient ID than ``inst``.
+
+        One row is enough: every instance of a study went through this check.
+        """
+        other = db.execute(
+            "SELECT json_extract(tags, '$.PatientID') AS id, json_type(tags, '$.PatientID') AS type "
+            "FROM instances WHERE study_uid = ? AND sop_uid != ? LIMIT 1", (inst.study_uid, inst.sop_uid)).fetchone()
+        if other is None:
+            return
+        theirs = patient_id({"PatientID": json.loads(other["id"]) if other["type"] == "array" else other["id"] or ""})
+        if theirs != patient_id(inst.tags):
+            raise OtherPatient(inst.study_uid, inst.sop_uid)
 
     def _open_run(self, db: sqlite3.Connection, dag_id: str, study_uid: str, abandon_after: float) -> RunRef | None:
         row = db.execute(
@@ -298,10 +356,24 @@ class StudyIndex:
                 for r in self._db().execute(sql + " ORDER BY opened_at", args)]
 
     # -- outbox ------------------------------------------------------------------------
-    def pending_triggers(self, limit: int = 100) -> list[OutboxItem]:
+    def pending_triggers(self, limit: int = 100, now: float | None = None) -> list[OutboxItem]:
+        """Triggers to post now: not delivered, not given up, due (a refused one waits its back-off)."""
         rows = self._db().execute(
-            "SELECT * FROM outbox WHERE delivered_at IS NULL ORDER BY id LIMIT ?", (limit,)).fetchall()
-        return [OutboxItem(r["id"], r["dag_id"], r["run_id"], json.loads(r["conf"]), r["attempts"]) for r in rows]
+            "SELECT * FROM outbox WHERE delivered_at IS NULL AND given_up_at IS NULL AND next_attempt_at <= ? "
+            "ORDER BY next_attempt_at, id LIMIT ?", (time.time() if now is None else now, limit)).fetchall()
+        return [_outbox_item(r) for r in rows]
+
+    def next_trigger_due(self) -> float | None:
+        """When the next pending trigger is due (a time), or None when none is pending."""
+        row = self._db().execute("SELECT MIN(next_attempt_at) AS due FROM outbox WHERE delivered_at IS NULL "
+                                 "AND given_up_at IS NULL").fetchone()
+        return row["due"]
+
+    def given_up_triggers(self) -> list[OutboxItem]:
+        """Triggers Airflow refused for longer than the give-up time: never posted (``raddeploy status``)."""
+        rows = self._db().execute("SELECT * FROM outbox WHERE given_up_at IS NOT NULL AND delivered_at IS NULL "
+                                  "ORDER BY id").fetchall()
+        return [_outbox_item(r) for r in rows]
 
     def mark_delivered(self, item_id: int) -> None:
         with self._tx() as db:
@@ -309,9 +381,26 @@ class StudyIndex:
                        "WHERE id = ?", (time.time(), item_id))
 
     def mark_failed_attempt(self, item_id: int, error: str) -> None:
+        """Airflow could not be reached: the trigger stays due (the delivery loop backs off as a whole)."""
         with self._tx() as db:
             db.execute("UPDATE outbox SET attempts = attempts + 1, last_error = ? WHERE id = ?",
                        (error[:500], item_id))
+
+    def mark_refused(self, item_id: int, error: str, retry_at: float, give_up_after: float) -> bool:
+        """Airflow refused the trigger: it waits until ``retry_at``, or, refused for longer than
+        ``give_up_after`` seconds since its first refusal, is given up. True when given up now."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute("UPDATE outbox SET attempts = attempts + 1, last_error = ?, next_attempt_at = ?, "
+                       "first_refused_at = COALESCE(first_refused_at, ?) WHERE id = ?",
+                       (error[:500], retry_at, now, item_id))
+            given_up = db.execute("UPDATE outbox SET given_up_at = ? WHERE id = ? AND first_refused_at <= ?",
+                                  (now, item_id, now - give_up_after)).rowcount
+        return bool(given_up)
+
+def _outbox_item(row: sqlite3.Row) -> OutboxItem:
+    return OutboxItem(row["id"], row["dag_id"], row["run_id"], json.loads(row["conf"]), row["attempts"],
+                      row["first_refused_at"], row["last_error"])
 
 
 def _instance(row: sqlite3.Row) -> StoredInstance:

@@ -3,10 +3,12 @@
 Hard links cost no copy and keep the run's input unchanged whatever later arrives or is
 cleaned up in ``studies/``. Names follow the flow format:
 ``{Modality}_{SeriesInstanceUID}_{SOPInstanceUID}.dcm``, in folders named by ``layout``.
+Every header value that becomes part of a name goes through :func:`path_component`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -16,23 +18,40 @@ from .header import InstanceHeader
 from .index import StoredInstance
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.+-]+")
+#: The longest name part a header value gives (a file name is at most 255 bytes; the input
+#: name holds a value and two UIDs of up to 64 characters each).
+MAX_COMPONENT = 64
+_HASH_CHARS = 8
 
 #: An indexed instance, or a header just read from a file (``raddeploy match``): both name alike.
 Named = Union[StoredInstance, InstanceHeader]
 
 
+def path_component(value: object, fallback: str = "unknown") -> str:
+    """A header value as one file or folder name part: the one place a value becomes a name.
+
+    Runs of characters other than ``A-Za-z0-9_.+-`` become ``_``; leading and trailing ``.``
+    and ``_`` go (no hidden names, never ``.`` or ``..``); several values are joined by ``_``;
+    nothing left: ``fallback``. At most :data:`MAX_COMPONENT` characters: a longer one is cut
+    and ends in ``-`` and 8 hex digits of the value's sha256, so values that differ only past
+    the cut keep names of their own.
+    """
+    if isinstance(value, (list, tuple)):
+        value = "_".join(str(v) for v in value)
+    text = "" if value is None else str(value)
+    name = _UNSAFE.sub("_", text).strip("._")
+    if len(name) > MAX_COMPONENT:
+        digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:_HASH_CHARS]
+        name = f"{name[:MAX_COMPONENT - _HASH_CHARS - 1]}-{digest}"
+    return name or fallback
+
+
 def input_name(inst: Named) -> str:
-    modality = _UNSAFE.sub("_", str(inst.tags.get("Modality", "OT"))) or "OT"
-    return f"{modality}_{inst.series_uid}_{inst.sop_uid}.dcm"
+    return f"{path_component(inst.tags.get('Modality', ''), 'OT')}_{inst.series_uid}_{inst.sop_uid}.dcm"
 
 
 def _folder(inst: Named, layout: Sequence[str]) -> Path:
-    parts = []
-    for keyword in layout:
-        value = inst.tags.get(keyword, "")
-        value = "_".join(value) if isinstance(value, list) else str(value)
-        parts.append(_UNSAFE.sub("_", value).strip("._") or "unknown")
-    return Path(*parts) if parts else Path()
+    return Path(*(path_component(inst.tags.get(keyword, "")) for keyword in layout))
 
 
 def input_path(inst: Named, layout: Sequence[str] = ()) -> Path:

@@ -3,6 +3,11 @@
 :meth:`StudyStore.ingest` is the whole life of a received instance: header parsed, bytes
 flushed, file renamed into place, index row and any new runs committed. The listener
 answers success only after it returns, so an acknowledged instance is on disk and indexed.
+
+Two rules of a study hold here: its instances have one Patient ID (another patient's
+instance is refused, :class:`OtherPatient`), and a SOP instance re-sent with other content
+is a new version: it is indexed (under ``<SOP>.v<N>.dcm``, the earlier versions kept where
+they are) and counts as a new instance for the runs.
 """
 
 from __future__ import annotations
@@ -10,9 +15,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
+import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -31,13 +38,43 @@ FlowSelector = Callable[[InstanceHeader], Mapping[str, float]]
 @dataclass(frozen=True)
 class IngestResult:
     header: InstanceHeader
-    duplicate: bool
+    duplicate: bool  # the same content was indexed already: nothing changed
     opened: list[RunRef]
+    replaced: StoredInstance | None = None  # the earlier version this one superseded (its file is kept)
+
+
+#: ``<SOP>.v<N>.dcm``: version N (2, 3, ...) of an instance re-sent with other content; version 1 is ``<SOP>.dcm``.
+_VERSION_RE = re.compile(r"\.v([0-9]+)\.dcm$")
+
+
+def version_of(path: str | Path) -> int:
+    """Which version of its SOP instance the stored file at ``path`` is (1: ``<SOP>.dcm``)."""
+    match = _VERSION_RE.search(Path(path).name)
+    return int(match.group(1)) if match else 1
+
+
+def versioned(final: Path, version: int) -> Path:
+    """Where version ``version`` of the instance whose first version is ``final`` (``<SOP>.dcm``) goes."""
+    return final if version == 1 else final.with_name(f"{final.name.removesuffix('.dcm')}.v{version}.dcm")
 
 
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def dataset_sha256(path: Path) -> str | None:
+    """sha256 of a Part 10 file's data set (what the sender sent, without the File Meta the
+    listener writes); None if the file has no File Meta group length to find it by."""
+    with open(path, "rb") as fh:
+        head = fh.read(144)
+        if len(head) < 144 or head[128:132] != b"DICM" or head[132:138] != b"\x02\x00\x00\x00UL":
+            return None
+        fh.seek(144 + int.from_bytes(head[140:144], "little"))
+        digest = hashlib.sha256()
         while chunk := fh.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
@@ -84,31 +121,65 @@ class StudyStore:
 
     def _ingest_checked(self, temp_path: Path, header: InstanceHeader, final: Path, sha: str,
                         select: FlowSelector, calling_ae: str, peer: str, association: str) -> IngestResult:
+        """Index the instance as new; or, if its SOP Instance UID is indexed already, do nothing
+        (same content) or index it as the next version (other content)."""
         record = StoredInstance(
             sop_uid=header.sop_uid, study_uid=header.study_uid, series_uid=header.series_uid,
             sop_class_uid=header.sop_class_uid, transfer_syntax=header.transfer_syntax,
-            path=str(final.relative_to(self.layout.root)), size=os.stat(temp_path).st_size, sha256=sha,
+            path=self._relative(final), size=os.stat(temp_path).st_size, sha256=sha,
             received_at=time.time(), tags=header.tags, calling_ae=calling_ae, peer=peer,
         )
-        try:
-            added: AddResult = self.index.add(record, select(header), association,
-                                              place=lambda: self._place(temp_path, final))
-        except BaseException:
-            if not temp_path.exists():  # placed, then not indexed (disk full, say): no file either
-                final.unlink(missing_ok=True)
-            raise
-        if added.existing is not None:
+        flows = select(header)
+        target, replaces = final, None
+        for _ in range(3):  # a second try only if the row changed between our look and our write
+            added = self._add(record, flows, association, temp_path, target, replaces)
+            if added.existing is None:
+                if added.replaced is not None:
+                    log.warning("instance %s of study %s re-sent with other content: indexed as version %d "
+                                "(%s), the earlier version kept (%s)", header.sop_uid, header.study_uid,
+                                version_of(target), target.name, Path(added.replaced.path).name)
+                return IngestResult(header, duplicate=False, opened=added.opened, replaced=added.replaced)
             known = added.existing
             sha = sha or file_sha256(temp_path)
-            if (known.sha256 or file_sha256(self.path_of(known))) != sha:
-                # Same SOP Instance UID, other bytes: keep both, index the first.
-                keep = final.with_name(f"{header.sop_uid}.{sha[:16]}.dcm")
-                self._place(temp_path, keep)
-                log.warning("instance %s re-sent with different content; kept as %s",
-                            header.sop_uid, keep.relative_to(self.layout.root))
-            else:
-                temp_path.unlink()
-        return IngestResult(header, duplicate=added.duplicate, opened=added.opened)
+            if self._same_content(known, temp_path, sha):
+                return IngestResult(header, duplicate=True, opened=[])
+            # Same SOP Instance UID, other content (a corrected re-send): the next version, in a
+            # file of its own, so the indexed file is never touched before the row moves on.
+            target = versioned(final, version_of(known.path) + 1)
+            record = replace(record, path=self._relative(target), sha256=sha)
+            replaces = known.path
+        # Only another process writing the index gets here (this one holds the SOP instance's lock):
+        # "locked", as SQLite says, so the sender tries again later.
+        raise sqlite3.OperationalError(f"instance {header.sop_uid} kept changing while it was indexed")
+
+    def _add(self, record: StoredInstance, flows: Mapping[str, float], association: str, temp_path: Path,
+             target: Path, replaces: str | None) -> AddResult:
+        """``index.add`` with the file placed at ``target`` inside its transaction."""
+        try:
+            return self.index.add(record, flows, association, place=lambda: self._place(temp_path, target),
+                                  replaces=replaces)
+        except BaseException:
+            if not temp_path.exists():  # placed, then not indexed (disk full, say): no file either
+                target.unlink(missing_ok=True)  # never the indexed file: ``target`` is a new path or a new version
+            raise
+
+    def _same_content(self, known: StoredInstance, temp_path: Path, sha: str) -> bool:
+        """Whether the received file holds what the indexed one does: the same bytes, or the same
+        data set under other File Meta (another listener version wrote it). An indexed file that
+        is gone is never the same: the received one replaces it."""
+        stored = self.path_of(known)
+        try:
+            if (known.sha256 if known.sha256 not in ("", "missing") else file_sha256(stored)) == sha:
+                return True
+            theirs = dataset_sha256(stored)
+        except FileNotFoundError:
+            log.error("indexed instance %s has no file at %s; the one received now replaces it",
+                      known.sop_uid, known.path)
+            return False
+        return theirs is not None and theirs == dataset_sha256(temp_path)
+
+    def _relative(self, path: Path) -> str:
+        return str(path.relative_to(self.layout.root))
 
     def _place(self, temp_path: Path, final: Path) -> None:
         folder = final.parent

@@ -109,3 +109,10 @@ def test_airflow_lists_the_provider(tmp_path):
     out = subprocess.run(["airflow", "providers", "list"], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "raddeploy-provider" in out.stdout
+
+
+def test_no_task_of_a_flow_renders_flow_text_as_a_template(flows):
+    """Flow strings reach the operators' fields; Jinja must never render them (`{{ conn.x.password }}`)."""
+    for task in build_all(flows)["diamond"].tasks:
+        assert tuple(task.template_fields) == (), (task.task_id, task.template_fields)
+        assert tuple(getattr(task, "template_ext", ())) == (), task.task_id

@@ -384,7 +384,7 @@ def test_duplicate_instances(listener, tmp_path):
     wait_for_hashes(listener)
     assert index_rows(listener, "sop_uid, path, sha256") == [(sop, str(first.relative_to(listener.data)), first_sha)]
 
-    # The same SOP Instance UID with other bytes: success, both kept, the index keeps the first.
+    # The same SOP Instance UID with other bytes: success, both kept, the index takes the newer.
     ds.PatientName = "Other^Content"
     other = tmp_path / "other.dcm"
     ds.save_as(other)
@@ -394,12 +394,13 @@ def test_duplicate_instances(listener, tmp_path):
     assert len(files) == 2 and first in files
     (second,) = [f for f in files if f != first]
     second_sha = hashlib.sha256(second.read_bytes()).hexdigest()
-    assert second.name == f"{sop}.{second_sha[:16]}.dcm"
+    assert second.name == f"{sop}.v2.dcm"
     assert dataset_bytes(second) == dataset_bytes(other)
     assert dataset_bytes(first) == dataset_bytes(source)
-    assert index_rows(listener, "sop_uid, path, sha256") == [(sop, str(first.relative_to(listener.data)), first_sha)]
+    wait_for_hashes(listener)
+    assert index_rows(listener, "sop_uid, path, sha256") == [(sop, str(second.relative_to(listener.data)), second_sha)]
     warning = [line for line in listener.log_text().splitlines() if "WARNING" in line and sop in line]
-    assert warning and "different content" in warning[0], listener.log_text()[-2000:]
+    assert warning and "re-sent with other content" in warning[0], listener.log_text()[-2000:]
     assert_clean_and_alive(listener)
 
 

@@ -201,6 +201,99 @@ def test_missing_static_asset_fails_before_any_container(env: SimpleNamespace) -
     assert op.container is None
 
 
+# -- permissions: 0640 inputs, 2770 outputs in the data dir's group, whatever the model's user ---
+
+DATA_GID = 4242  # the data dir's group (a `raddeploy` group in production); no such user or group needed
+
+
+def _store_like(env: SimpleNamespace, owner: int) -> None:
+    """The run's input as a store with umask 027 leaves it: 0640 files, 2750 folders, the data dir's group."""
+    data = env.run.parents[2]
+    os.chown(data, 0, DATA_GID)
+    data.chmod(0o2750)
+    for path in (env.run / "input", env.run / "input" / "CT.1.dcm"):
+        os.chown(path, owner, DATA_GID)
+    (env.run / "input").chmod(0o2750)
+    (env.run / "input" / "CT.1.dcm").chmod(0o640)
+
+
+WRITE_OUTPUTS = """
+    cat /input/CT.1.dcm > /output/copy.dcm
+    cat /config/config.yaml > /output/config_seen.yaml
+    mkdir /output/sub && echo nested > /output/sub/file
+    id > /output/id
+"""
+
+
+def _check_outputs(env: SimpleNamespace, uid: int) -> None:
+    out = env.run / "dst"
+    assert (out / "copy.dcm").read_text() == "not really DICOM"
+    assert yaml.safe_load((out / "config_seen.yaml").read_text()) == {"fold": 1}
+    assert (out / "sub" / "file").read_text() == "nested\n"
+    assert f"uid={uid}" in (out / "id").read_text() and f"{DATA_GID}" in (out / "id").read_text()
+    folder = out.stat()
+    assert (folder.st_mode & 0o7777, folder.st_gid) == (0o2770, DATA_GID)  # others: nothing
+    written = (out / "copy.dcm").stat()
+    assert (written.st_uid, written.st_gid) == (uid, DATA_GID)  # setgid: the group stays the data dir's
+    config = (env.run / "config" / "model" / "config.yaml").stat()
+    assert (config.st_mode & 0o777, config.st_gid) == (0o640, DATA_GID)
+
+
+def test_non_root_model_reads_0640_inputs_and_writes_outputs(env: SimpleNamespace) -> None:
+    """`user: "1000:1000"` in a flow, inputs root's and 0640 (a root-owned store): read through the group."""
+    _store_like(env, owner=0)
+    thread, seen = watch(env.api, f"{FLOW}/{env.run_id}/model")
+    model_op(command=sh(WRITE_OUTPUTS), user="1000:1000", config={"fold": 1}).execute(env.context)
+    thread.join()
+    assert seen["Config"]["User"] == "1000:1000"
+    assert seen["HostConfig"]["GroupAdd"] == [str(DATA_GID)]
+    _check_outputs(env, uid=1000)
+
+
+def test_root_model_without_capabilities_reads_inputs_of_another_owner(env: SimpleNamespace) -> None:
+    """Root with every capability dropped reads no file as root would: the listener's (uid 999) 0640
+    input only through the group, and writes the 2770 output folder as a member."""
+    _store_like(env, owner=999)
+    thread, seen = watch(env.api, f"{FLOW}/{env.run_id}/model")
+    model_op(command=sh(WRITE_OUTPUTS), config={"fold": 1}).execute(env.context)
+    thread.join()
+    assert seen["HostConfig"]["CapDrop"] == ["ALL"] and seen["Config"]["User"] == ""
+    _check_outputs(env, uid=0)
+
+
+def test_without_the_group_a_non_root_model_reads_nothing(env: SimpleNamespace,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The control: the same container without `group_add` cannot read the input (so the group is what works)."""
+    _store_like(env, owner=0)
+    original = ModelOperator._safe_defaults
+
+    def no_group(self: ModelOperator, settings: Any) -> None:
+        original(self, settings)
+        self._host_extras.pop("group_add")
+
+    monkeypatch.setattr(ModelOperator, "_safe_defaults", no_group)
+    with pytest.raises(ModelFailed) as info:
+        model_op(command=sh("cat /input/CT.1.dcm > /output/copy.dcm"), user="1000:1000").execute(env.context)
+    assert "Permission denied" in str(info.value)
+
+
+# -- flow text is data, not a template ---------------------------------------------------------
+
+def test_flow_text_is_passed_literally(env: SimpleNamespace) -> None:
+    """Nothing of a flow is a Jinja template: no connection secret rendered in, no `run.sh` template file."""
+    assert (ModelOperator.template_fields, ModelOperator.template_ext) == ((), ())
+    op = model_op(command="sh /scripts/run.sh", environment={"SECRET": "{{ conn.x.password }}"},
+                  image="{{ var.value.image }}")
+    op.resolve_template_files()  # what parsing does with template_ext: reads no run.sh
+    op.render_template_fields({"conn": SimpleNamespace(x=SimpleNamespace(password="leaked")), "var": {}})
+    assert op.command == "sh /scripts/run.sh"
+    assert op.environment == {"SECRET": "{{ conn.x.password }}"}
+    assert op.image == "{{ var.value.image }}"
+    model_op(command=sh('echo "$SECRET" > /output/secret'), environment={"SECRET": "{{ conn.x.password }}"}
+             ).execute(env.context)
+    assert (env.run / "dst" / "secret").read_text() == "{{ conn.x.password }}\n"
+
+
 # -- environment -----------------------------------------------------------------------------
 
 def test_environment_given_and_no_secrets_leak(env: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:

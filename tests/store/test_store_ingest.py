@@ -163,7 +163,7 @@ def test_second_identical_ingest_is_a_duplicate(store: StudyStore, ct: Series) -
     assert len(store.index.pending_triggers()) == 2
 
 
-def test_same_sop_uid_with_other_bytes_keeps_both_and_indexes_the_first(
+def test_same_sop_uid_with_other_bytes_keeps_both_and_indexes_the_newer(
         store: StudyStore, ct: Series, tmp_path: Path) -> None:
     source = ct.files[0]
     ds = pydicom.dcmread(source)
@@ -174,16 +174,16 @@ def test_same_sop_uid_with_other_bytes_keeps_both_and_indexes_the_first(
     store.ingest(incoming(store, source), Selector())
     result = store.ingest(incoming(store, changed), Selector())
 
-    assert result.duplicate is True and result.opened == []
+    assert result.duplicate is False and result.opened == []  # the open runs take the new version
     sop = ds.SOPInstanceUID
     folder = store.layout.studies / ct.study_uid / ct.series_uid
-    kept = folder / f"{sop}.{file_sha256(changed)[:16]}.dcm"
-    assert files_under(store.layout.studies) == sorted([folder / f"{sop}.dcm", kept])
-    assert (folder / f"{sop}.dcm").read_bytes() == source.read_bytes()
-    assert kept.read_bytes() == changed.read_bytes()
+    newer = folder / f"{sop}.v2.dcm"
+    assert files_under(store.layout.studies) == sorted([folder / f"{sop}.dcm", newer])
+    assert (folder / f"{sop}.dcm").read_bytes() == source.read_bytes()  # the first version is kept
+    assert newer.read_bytes() == changed.read_bytes()
     [row] = store.index.instances(ct.study_uid)
-    assert row.sha256 in ("", file_sha256(source))  # the first's hash, if recorded yet
-    assert row.tags["SeriesDescription"] == "Head and Neck 2mm"
+    assert store.path_of(row) == newer and row.sha256 == file_sha256(changed)
+    assert row.tags["SeriesDescription"] == "Head and Neck 2mm (corrected)"
     assert files_under(store.layout.incoming) == []
 
 
