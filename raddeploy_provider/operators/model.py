@@ -109,7 +109,7 @@ class ModelOperator(DockerOperator):
 
     # -- preparing ---------------------------------------------------------------------------
     def _prepare_mounts(self, run: RunDir, settings: Settings) -> list[Mount]:
-        gid = _data_group(settings)
+        """The container's mounts; what is missing is said before anything is changed on disk."""
         mounts = []
         for name, target in self.model.inputs.items():
             source = run.mount(name)
@@ -117,13 +117,6 @@ class ModelOperator(DockerOperator):
                 raise AirflowException(f"input {name!r} has no folder at {source}: did the task that "
                                        "writes it succeed? Clear that task to run it again.")
             mounts.append(Mount(target=target, source=str(source), type="bind", read_only=True))
-        for name, target in self.model.outputs.items():
-            folder = run.mount(name)
-            if folder.exists():  # a retry starts from an empty output, never a half-written one
-                shutil.rmtree(folder)
-            folder.mkdir(parents=True)
-            _share_with_group(folder, gid, 0o2770)  # the container writes as a group member; others nothing
-            mounts.append(Mount(target=target, source=str(folder), type="bind", read_only=False))
         static_dir = settings.data.static
         for name, target in self.model.static_mounts.items():
             source = static_dir / name
@@ -131,6 +124,14 @@ class ModelOperator(DockerOperator):
                 raise AirflowFailException(f"static asset {name!r} is missing: no folder {source}. Put the "
                                            "asset there (RADDEPLOY_STATIC) or fix static_mounts in the flow.")
             mounts.append(Mount(target=target, source=str(source), type="bind", read_only=True))
+        gid = _data_group(settings)
+        for name, target in self.model.outputs.items():
+            folder = run.mount(name)
+            if folder.exists():  # a retry starts from an empty output, never a half-written one
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True)
+            _share_with_group(folder, gid, 0o2770)  # the container writes as a group member; others nothing
+            mounts.append(Mount(target=target, source=str(folder), type="bind", read_only=False))
         if self.model.config is not None:
             config_file = run.config_file(self.task_id)
             config_file.parent.mkdir(parents=True, exist_ok=True)

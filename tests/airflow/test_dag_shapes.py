@@ -291,9 +291,9 @@ def test_prepare_mounts(folders: SimpleNamespace) -> None:
     assert mounts == [
         Mount(target="/dicom", source=str(folders.run / "input"), type="bind", read_only=True),
         Mount(target="/input", source=str(folders.run / "ct_reg"), type="bind", read_only=True),
+        Mount(target="/model", source=str(folders.static / "hn_weights"), type="bind", read_only=True),
         Mount(target="/output", source=str(folders.run / "dst"), type="bind", read_only=False),
         Mount(target="/rt", source=str(folders.run / "dst_rt"), type="bind", read_only=False),
-        Mount(target="/model", source=str(folders.static / "hn_weights"), type="bind", read_only=True),
         Mount(target="/config/settings.yaml", source=str(config_file), type="bind", read_only=True),
     ]
     assert list((folders.run / "dst").iterdir()) == []  # a retry starts from an empty output

@@ -218,6 +218,7 @@ def _store_like(env: SimpleNamespace, owner: int) -> None:
 
 
 WRITE_OUTPUTS = """
+    sleep 2  # long enough for watch() to inspect the running container, however loaded the host
     cat /input/CT.1.dcm > /output/copy.dcm
     cat /config/config.yaml > /output/config_seen.yaml
     mkdir /output/sub && echo nested > /output/sub/file

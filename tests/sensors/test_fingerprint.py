@@ -8,6 +8,7 @@ execute_complete(context, event) as the runner would call it on resume.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import shutil
 import threading
@@ -23,7 +24,7 @@ from pydicom.uid import generate_uid
 
 from dicom_factory import make_series
 from raddeploy_provider.flows import load_flow
-from raddeploy_provider.sensors.fingerprint import FingerprintSensor
+from raddeploy_provider.sensors.fingerprint import FingerprintSensor, _sender
 from raddeploy_provider.store import NEVER, StudyStore
 from raddeploy_provider.triggers.study_ready import StudyReadyTrigger
 
@@ -124,14 +125,14 @@ def test_matched_input_from_two_nodes_or_two_patients_has_no_sender(world, tmp_p
                                           "SCANNER@127.0.0.1): results go back to none of them")
 
 
-def test_matched_input_of_two_patients_has_no_sender(world, tmp_path):
+def test_matched_input_of_two_patients_has_no_sender(world):
+    """The store refuses another patient's instance (0xC001); should two ever be in one input, no sender."""
     world.push(world.ct)
-    world.push([other_series(world.mr.files[0], tmp_path / "mr2", PatientID="SOMEONE-ELSE")])
-    time.sleep(0.25)
-    world.sensor().execute(world.context)
-    manifest = json.loads((world.run_dir / "manifest.json").read_text())
-    assert manifest["sender"] is None
-    assert manifest["sender_refused"] == "the matched input instances carry different Patient IDs"
+    ct = world.store.index.instances(world.ct.study_uid)
+    other = dataclasses.replace(ct[0], sop_uid="1.2.3.4", tags={**ct[0].tags, "PatientID": "SOMEONE-ELSE"})
+    assert _sender([*ct, other]) == {"sender": None,
+                                     "sender_refused": "the matched input instances carry different Patient IDs"}
+    assert _sender(ct) == {"sender": {"calling_ae": "SCANNER", "host": "127.0.0.1"}}
 
 
 def test_missing_trigger_defers_then_the_trigger_fires_when_it_arrives(world):
