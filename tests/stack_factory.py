@@ -14,6 +14,7 @@ import re
 import sqlite3
 import subprocess
 import time
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -22,6 +23,7 @@ from pydicom import dcmread
 
 from peers import free_port, storescu, wait_for
 from raddeploy.embedded import EmbeddedStack
+from raddeploy_provider.units import slug
 
 #: The listener's log line for an association the sender released (listener/association.py).
 RELEASED = re.compile(r"association from \S*@\S+ released after (\d+) instances")
@@ -85,3 +87,25 @@ def push_settled(stack: EmbeddedStack, files: list[Path], timeout: float = 60) -
     assert indexed == sops, f"{len(sops - indexed)} pushed instances are not in the index"
     wait_for(lambda: not pending_triggers(stack), timeout, "the outbox to post every trigger to Airflow")
     return pushed
+
+
+def add_flow(stack: EmbeddedStack, airflow, file_name: str, text: str, dag_id: str, timeout: float = 120) -> dict:
+    """Write a flow file into the running stack (renamed in whole, never half-read) and wait for
+    its DAG through the REST API; a file that does not load fails at once with its error (its
+    placeholder DAG ``invalid_<file stem>`` says why). Returns the DAG's JSON."""
+    dag_path = f"/api/v2/dags/{urllib.parse.quote(dag_id, safe='')}"
+    assert airflow.get(dag_path)[0] == 404, f"DAG {dag_id} exists before its flow file: stale stack?"
+    tmp = stack.flows_dir / f".{file_name}.tmp"
+    tmp.write_text(text)
+    tmp.rename(stack.flows_dir / file_name)
+    invalid = f"/api/v2/dags/invalid_{slug(Path(file_name).stem)}"
+
+    def parsed():
+        status, body = airflow.get(dag_path)
+        if status == 200:
+            return body
+        bad_status, bad = airflow.get(invalid)
+        assert bad_status != 200, f"the flow file {file_name} did not load: {bad.get('description')}"
+        return None
+
+    return wait_for(parsed, timeout, f"Airflow to parse DAG {dag_id}", interval=0.5)

@@ -17,6 +17,7 @@ from pydicom import dcmread
 from dicom_factory import make_series
 from orthanc import Orthanc
 from peers import storescu, wait_for
+from stack_factory import add_flow
 from raddeploy_provider import __version__
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
@@ -83,13 +84,9 @@ def orthanc(tmp_path_factory):
 def flows(stack, airflow, orthanc, destination):
     values = dict(orthanc_port=orthanc.port, orthanc_ae=orthanc.ae_title, scp_port=destination.port,
                   scp_ae=destination.ae_title, script=json.dumps(OTHER_PATIENT))
-    for name, text in FLOWS.items():
-        tmp = stack.flows_dir / f".{name}.tmp"
-        tmp.write_text(text.format(**values))
-        tmp.rename(stack.flows_dir / name)
-    for dag_id in ("e2e_delivery_orthanc", "e2e_guard_other_patient", "e2e_guard_symlink"):
-        wait_for(lambda: airflow.get(f"/api/v2/dags/{dag_id}")[0] == 200 or None, 90, f"Airflow to parse {dag_id}",
-                 interval=0.5)
+    for (name, text), dag_id in zip(FLOWS.items(), ("e2e_delivery_orthanc", "e2e_guard_other_patient",
+                                                    "e2e_guard_symlink")):
+        add_flow(stack, airflow, name, text.format(**values), dag_id)
     return values
 
 

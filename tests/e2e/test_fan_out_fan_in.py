@@ -21,6 +21,7 @@ from pydicom import dcmread
 from peers import storescu, wait_for
 from dicom_factory import make_series
 from flow_factory import ensemble_flow
+from stack_factory import add_flow
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -88,23 +89,9 @@ def max_concurrency(intervals: list[tuple[float, float]]) -> int:
 def test_new_flow_fans_out_to_parallel_folds_and_in_to_merge(stack, airflow, destination, tmp_path):
     dag_path = f"/api/v2/dags/{urllib.parse.quote(DAG_ID, safe='')}"
 
-    # 1. A new flow file in the running stack's flows folder (renamed in whole, never half-read).
-    assert airflow.get(dag_path)[0] == 404, "the DAG exists before its flow file: stale stack?"
-    tmp = stack.flows_dir / f".{FLOW_FILE}.tmp"
-    tmp.write_text(flow_yaml(destination))
+    # 1. A new flow file in the running stack's flows folder; 2. Airflow parses it within seconds, no restart.
     written = time.monotonic()
-    tmp.rename(stack.flows_dir / FLOW_FILE)
-
-    # 2. Airflow parses it within seconds, no restart.
-    def parsed():
-        status, body = airflow.get(dag_path)
-        if status == 200:
-            return body
-        bad_status, bad = airflow.get("/api/v2/dags/invalid_fan_out_fan_in")
-        assert bad_status != 200, f"the flow file did not load: {bad.get('description')}"
-        return None
-
-    dag = wait_for(parsed, 60, f"Airflow to parse DAG {DAG_ID}", interval=0.5)
+    dag = add_flow(stack, airflow, FLOW_FILE, flow_yaml(destination), DAG_ID)
     print(f"\nnew flow file -> DAG {DAG_ID} parsed: {time.monotonic() - written:.1f} s")
     assert not dag["is_paused"]
 

@@ -19,6 +19,7 @@ import pytest
 from dicom_factory import make_series
 from peers import storescu, wait_for
 from raddeploy import cli
+from stack_factory import add_flow
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -74,21 +75,8 @@ def test_flow_text_is_not_a_template(stack, airflow, tmp_path, capsys):
     validated = capsys.readouterr().out
     assert f"ok: {flow_path}: {DAG_ID}" in validated and "1 flow ok, 0 errors" in validated
 
+    add_flow(stack, airflow, FLOW_FILE, FLOW, DAG_ID)
     dag_path = f"/api/v2/dags/{urllib.parse.quote(DAG_ID, safe='')}"
-    assert airflow.get(dag_path)[0] == 404, "the DAG exists before its flow file: stale stack?"
-    tmp = stack.flows_dir / f".{FLOW_FILE}.tmp"
-    tmp.write_text(FLOW)
-    tmp.rename(stack.flows_dir / FLOW_FILE)
-
-    def parsed():
-        status, body = airflow.get(dag_path)
-        if status == 200:
-            return body
-        bad_status, bad = airflow.get("/api/v2/dags/invalid_literal_flow_text")
-        assert bad_status != 200, f"the flow file did not load: {bad.get('description')}"
-        return None
-
-    wait_for(parsed, 120, f"Airflow to parse DAG {DAG_ID}", interval=0.5)
 
     try:
         series = make_series(tmp_path / "mr", modality="MR", slices=SLICES, size=16, description=DESCRIPTION)

@@ -37,7 +37,7 @@ from pydicom.uid import (
 )
 from pynetdicom.presentation import build_context
 
-from peers import DCMTK_ENV, make_certificates, partial_files, require_tool
+from peers import DCMTK_ENV, make_certificates, partial_files, require_tool, tmpfs
 from raddeploy_provider.dicom import dimse
 
 pytestmark = pytest.mark.integration
@@ -457,16 +457,9 @@ def steady_fds_only(listener) -> int:
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 160 MiB tmpfs; skips where mounting is not allowed (needs root, or CAP_SYS_ADMIN)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    yield mount
-    if subprocess.run(["umount", str(mount)], capture_output=True).returncode != 0:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+    """A 160 MiB tmpfs (skips where mounting is not allowed)."""
+    with tmpfs(tmp_path / "small", "160m") as mount:
+        yield mount
 
 
 def _free(path: Path) -> int:

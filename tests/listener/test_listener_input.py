@@ -40,7 +40,7 @@ from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.pdu_primitives import MaximumLengthNotification
 
 from dicom_factory import make_series
-from peers import DCMTK_ENV, make_certificates, partial_files, require_tool, storescu
+from peers import DCMTK_ENV, make_certificates, partial_files, require_tool, storescu, tmpfs
 
 pytestmark = pytest.mark.integration
 
@@ -504,16 +504,9 @@ def test_unwritable_study_folder_answers_out_of_resources(listener, tmp_path):
 
 @pytest.fixture
 def tiny_disk(tmp_path):
-    """A 4 MiB tmpfs; skips where mounting is not allowed (needs root, or CAP_SYS_ADMIN)."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    yield mount
-    if subprocess.run(["umount", str(mount)], capture_output=True).returncode != 0:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+    """A 4 MiB tmpfs (skips where mounting is not allowed)."""
+    with tmpfs(tmp_path / "tiny", "4m") as mount:
+        yield mount
 
 
 def test_full_disk_answers_out_of_resources(tiny_disk, start_listener, tmp_path, chunked):
