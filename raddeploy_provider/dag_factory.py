@@ -47,7 +47,12 @@ def build_dag(flow: Flow) -> DAG:
     settings = load_settings()
     weight = {"priority_weight": 1 + flow.priority, "weight_rule": "absolute"}
     with dag:
-        sensor = FingerprintSensor(task_id=SENSOR_TASK, flow=flow, **weight)
+        # One retry, for Airflow 3.3's resume-after-defer race: when the trigger fires before the
+        # executor has reported the deferring workload's exit, that late "success" event for the same
+        # try is taken as a mismatch and the resumed, running sensor is marked failed (seen once in CI
+        # under load). Taking the input again is idempotent (snapshot links, the closed run).
+        sensor = FingerprintSensor(task_id=SENSOR_TASK, flow=flow, retries=1, retry_delay=timedelta(seconds=2),
+                                   **weight)
         tasks = {}
         for model in flow.models:
             gpu = {"pool": settings.gpu_pool, "pool_slots": model.gpu, "queue": settings.gpu_queue} if model.gpu else {}

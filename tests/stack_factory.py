@@ -109,3 +109,25 @@ def add_flow(stack: EmbeddedStack, airflow, file_name: str, text: str, dag_id: s
         return None
 
     return wait_for(parsed, timeout, f"Airflow to parse DAG {dag_id}", interval=0.5)
+
+
+def run_path(dag_id: str, run_id: str) -> str:
+    return f"/api/v2/dags/{urllib.parse.quote(dag_id, safe='')}/dagRuns/{urllib.parse.quote(run_id, safe='')}"
+
+
+def run_finished(airflow, dag_id: str, run_id: str, timeout: float = 180, after: str | None = None) -> dict:
+    """The DAG run (REST JSON) once it has ended, success or failed; with ``after`` (an end
+    date), once it has ended again later than that (a cleared run)."""
+    def ended():
+        status, run = airflow.get(run_path(dag_id, run_id))
+        if status == 200 and run["state"] in ("success", "failed") and (after is None or run["end_date"] > after):
+            return run
+        return None
+    return wait_for(ended, timeout, f"run {run_id} of {dag_id} to end")
+
+
+def task_instances(airflow, dag_id: str, run_id: str) -> dict[str, dict]:
+    """The run's task instances by task id (REST JSON)."""
+    status, body = airflow.get(f"{run_path(dag_id, run_id)}/taskInstances")
+    assert status == 200, body
+    return {ti["task_id"]: ti for ti in body["task_instances"]}

@@ -9,7 +9,6 @@ the peer itself (Orthanc's REST API, storescp's folder) and Airflow's REST API.
 from __future__ import annotations
 
 import json
-import urllib.parse
 
 import pytest
 from pydicom import dcmread
@@ -17,7 +16,7 @@ from pydicom import dcmread
 from dicom_factory import make_series
 from orthanc import Orthanc
 from peers import storescu, wait_for
-from stack_factory import add_flow
+from stack_factory import add_flow, run_finished, run_path, task_instances
 from raddeploy_provider import __version__
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
@@ -90,24 +89,8 @@ def flows(stack, airflow, orthanc, destination):
     return values
 
 
-def run_path(dag_id: str, run_id: str) -> str:
-    return f"/api/v2/dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id, safe='')}"
-
-
-def finished(airflow, dag_id: str, run_id: str, timeout: float = 180, after: str | None = None) -> dict:
-    """The run once it has ended (and, with ``after``, ended later than that end date)."""
-    def ended():
-        status, run = airflow.get(run_path(dag_id, run_id))
-        if status == 200 and run["state"] in ("success", "failed") and (after is None or run["end_date"] > after):
-            return run
-        return None
-    return wait_for(ended, timeout, f"run {run_id} of {dag_id} to end")
-
-
 def task_states(airflow, dag_id: str, run_id: str) -> dict[str, str]:
-    status, body = airflow.get(f"{run_path(dag_id, run_id)}/taskInstances")
-    assert status == 200, body
-    return {ti["task_id"]: ti["state"] for ti in body["task_instances"]}
+    return {task_id: ti["state"] for task_id, ti in task_instances(airflow, dag_id, run_id).items()}
 
 
 def task_log(airflow, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> str:
@@ -127,7 +110,7 @@ def push(stack, tmp_path, description: str):
 def test_orthanc_receives_results_with_provenance_and_a_rerun_resends(stack, airflow, flows, orthanc, tmp_path):
     dag_id = "e2e_delivery_orthanc"
     series, run_id = push(stack, tmp_path, "E2E delivery orthanc")
-    run = finished(airflow, dag_id, run_id)
+    run = run_finished(airflow, dag_id, run_id)
     assert run["state"] == "success", task_states(airflow, dag_id, run_id)
     instances = wait_for(lambda: orthanc.instances() if len(orthanc.instances()) >= SLICES else None, 30,
                          "Orthanc to hold the results")
@@ -148,7 +131,7 @@ def test_orthanc_receives_results_with_provenance_and_a_rerun_resends(stack, air
         "dry_run": False, "task_ids": ["threshold"], "dag_run_id": run_id, "include_downstream": True,
         "only_failed": False, "reset_dag_runs": True})
     assert status == 200, body
-    rerun = finished(airflow, dag_id, run_id, after=run["end_date"])
+    rerun = run_finished(airflow, dag_id, run_id, after=run["end_date"])
     assert rerun["state"] == "success", task_states(airflow, dag_id, run_id)
     after = wait_for(lambda: orthanc.instances() if len(orthanc.instances()) >= 2 * SLICES else None, 30,
                      "Orthanc to hold the re-run's results")
@@ -160,7 +143,7 @@ def test_a_result_of_another_patient_is_never_sent(stack, airflow, flows, destin
     dag_id = "e2e_guard_other_patient"
     before = set(destination.files())
     series, run_id = push(stack, tmp_path, "E2E guard patient")
-    run = finished(airflow, dag_id, run_id)
+    run = run_finished(airflow, dag_id, run_id)
     states = task_states(airflow, dag_id, run_id)
     send = f"send_0_{destination.ae_title}"
     assert run["state"] == "failed" and states["relabel"] == "success" and states[send] == "failed", states
@@ -175,7 +158,7 @@ def test_a_models_link_to_a_host_file_sends_nothing(stack, airflow, flows, desti
     dag_id = "e2e_guard_symlink"
     before = set(destination.files())
     series, run_id = push(stack, tmp_path, "E2E guard symlink")
-    run = finished(airflow, dag_id, run_id)
+    run = run_finished(airflow, dag_id, run_id)
     states = task_states(airflow, dag_id, run_id)
     send = f"send_0_{destination.ae_title}"
     assert run["state"] == "failed" and states[send] == "failed", states

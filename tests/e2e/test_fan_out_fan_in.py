@@ -21,7 +21,7 @@ from pydicom import dcmread
 from peers import storescu, wait_for
 from dicom_factory import make_series
 from flow_factory import ensemble_flow
-from stack_factory import add_flow
+from stack_factory import add_flow, run_finished, task_instances
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -113,12 +113,9 @@ def test_new_flow_fans_out_to_parallel_folds_and_in_to_merge(stack, airflow, des
 
     # 4. The run succeeds; the folds overlapped; the merge came after every fold.
     run_id = f"{series.study_uid}.1"
-    finished = wait_for(lambda: [r for r in airflow.dag_runs(DAG_ID) if r["dag_run_id"] == run_id
-                                 and r["state"] in ("success", "failed")], 180, f"run {run_id} to finish")
-    status, body = airflow.get(f"{dag_path}/dagRuns/{urllib.parse.quote(run_id, safe='')}/taskInstances")
-    assert status == 200, body
-    tasks = {ti["task_id"]: ti for ti in body["task_instances"]}
-    assert finished[0]["state"] == "success", \
+    finished = run_finished(airflow, DAG_ID, run_id)
+    tasks = task_instances(airflow, DAG_ID, run_id)
+    assert finished["state"] == "success", \
         f"run {run_id} failed; task states: { {t: ti['state'] for t, ti in tasks.items()} }"
     print(f"push -> run succeeded: {time.monotonic() - start:.1f} s")
 

@@ -17,9 +17,9 @@ import urllib.parse
 import pytest
 
 from dicom_factory import make_series
-from peers import storescu, wait_for
+from peers import storescu
 from raddeploy import cli
-from stack_factory import add_flow
+from stack_factory import add_flow, run_finished, task_instances
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -76,7 +76,6 @@ def test_flow_text_is_not_a_template(stack, airflow, tmp_path, capsys):
     assert f"ok: {flow_path}: {DAG_ID}" in validated and "1 flow ok, 0 errors" in validated
 
     add_flow(stack, airflow, FLOW_FILE, FLOW, DAG_ID)
-    dag_path = f"/api/v2/dags/{urllib.parse.quote(DAG_ID, safe='')}"
 
     try:
         series = make_series(tmp_path / "mr", modality="MR", slices=SLICES, size=16, description=DESCRIPTION)
@@ -84,11 +83,9 @@ def test_flow_text_is_not_a_template(stack, airflow, tmp_path, capsys):
         pushed = storescu(stack.dicom_port, series.files)
         assert pushed.returncode == 0, pushed.stderr
         run_id = f"{series.study_uid}.1"
-        finished = wait_for(lambda: [r for r in airflow.dag_runs(DAG_ID) if r["dag_run_id"] == run_id
-                                     and r["state"] in ("success", "failed")], 180, f"run {run_id} to finish")
-        status, body = airflow.get(f"{dag_path}/dagRuns/{urllib.parse.quote(run_id, safe='')}/taskInstances")
-        states = {ti["task_id"]: ti["state"] for ti in body.get("task_instances", [])}
-        assert finished[0]["state"] == "success", f"run {run_id} failed; task states: {states}"
+        finished = run_finished(airflow, DAG_ID, run_id)
+        states = {task_id: ti["state"] for task_id, ti in task_instances(airflow, DAG_ID, run_id).items()}
+        assert finished["state"] == "success", f"run {run_id} failed; task states: {states}"
         print(f"\npush -> run with literal flow text succeeded: {time.monotonic() - start:.1f} s")
     finally:
         airflow._request("DELETE", f"/api/v2/connections/{urllib.parse.quote(CONN_ID)}", None)
