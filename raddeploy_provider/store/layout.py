@@ -43,6 +43,22 @@ def entry_names(layout: type) -> frozenset[str]:
     return frozenset(value.name for value in vars(layout).values() if isinstance(value, Entry))
 
 
+#: ``<SOP>.v<N>.dcm``: version N (2, 3, ...) of an instance re-sent with other content; version 1 is ``<SOP>.dcm``.
+_VERSION_RE = re.compile(r"\.v([0-9]+)\.dcm$")
+
+
+def version_of(path: str | Path) -> int:
+    """Which version of its SOP instance the stored file at ``path`` is (1: ``<SOP>.dcm``)."""
+    match = _VERSION_RE.search(Path(path).name)
+    return int(match.group(1)) if match else 1
+
+
+def versioned(final: Path, version: int) -> Path:
+    """Where version ``version`` of the instance whose first version is ``final`` (``<SOP>.dcm``,
+    :meth:`DataDir.instance_path`) goes."""
+    return final if version == 1 else final.with_name(f"{final.name.removesuffix('.dcm')}.v{version}.dcm")
+
+
 @dataclass(frozen=True)
 class RunDir:
     """``runs/<dag_id>/<run_id>/``: everything one run reads and writes, and nothing else.

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 import sqlite3
 import threading
 import time
@@ -25,7 +24,7 @@ from typing import Callable, Mapping
 
 from .header import InstanceHeader, read_header
 from .index import AddResult, RunRef, StoredInstance, StudyIndex
-from .layout import DataDir
+from .layout import DataDir, version_of, versioned
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +40,6 @@ class IngestResult:
     duplicate: bool  # the same content was indexed already: nothing changed
     opened: list[RunRef]
     replaced: StoredInstance | None = None  # the earlier version this one superseded (its file is kept)
-
-
-#: ``<SOP>.v<N>.dcm``: version N (2, 3, ...) of an instance re-sent with other content; version 1 is ``<SOP>.dcm``.
-_VERSION_RE = re.compile(r"\.v([0-9]+)\.dcm$")
-
-
-def version_of(path: str | Path) -> int:
-    """Which version of its SOP instance the stored file at ``path`` is (1: ``<SOP>.dcm``)."""
-    match = _VERSION_RE.search(Path(path).name)
-    return int(match.group(1)) if match else 1
-
-
-def versioned(final: Path, version: int) -> Path:
-    """Where version ``version`` of the instance whose first version is ``final`` (``<SOP>.dcm``) goes."""
-    return final if version == 1 else final.with_name(f"{final.name.removesuffix('.dcm')}.v{version}.dcm")
 
 
 def file_sha256(path: Path) -> str:
