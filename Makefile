@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install system images clean bench bench-ingest bench-send
+.PHONY: run test install system images images-prod clean bench bench-ingest bench-send
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,6 +20,11 @@ system:
 
 images: system
 	bash scripts/build-images.sh
+
+# The production stack's images (docker-compose.yaml; docs/production.md): a debootstrapped
+# base, a wheel house of this project and its pins, images installed from it with --no-index.
+images-prod: install system
+	bash scripts/build-prod-images.sh
 
 run: install images
 	$(VENV)/bin/raddeploy run

@@ -1,0 +1,56 @@
+# Shared by scripts/build-images.sh (model images) and scripts/build-prod-images.sh (the
+# production stack): images made without any container registry. Source it; needs bash.
+
+CACHE=${RADDEPLOY_CACHE:-$HOME/.cache/raddeploy}
+mkdir -p "$CACHE"
+
+# debootstrap_image TAG NAME PACKAGES: a minimal Debian bookworm with PACKAGES (comma-separated),
+# imported as TAG. The root file system is kept as $CACHE/NAME.tar: that tarball is what an
+# air-gapped site copies in (`docker import NAME.tar TAG`; docs/install-airgapped.md).
+debootstrap_image() {
+  local tag=$1 name=$2 packages=$3
+  docker image inspect "$tag" >/dev/null 2>&1 && return 0
+  local tarball="$CACHE/$name.tar"
+  if [ ! -s "$tarball" ]; then
+    local root
+    root=$(mktemp -d)
+    echo "images: debootstrap of $tag with $packages (1-2 min)"
+    # The same Debian mirror apt uses on this host (override with RADDEPLOY_DEBIAN_MIRROR).
+    local mirror=${RADDEPLOY_DEBIAN_MIRROR:-$(cat /etc/apt/sources.list /etc/apt/sources.list.d/* 2>/dev/null \
+      | grep -oE 'https?://[^ ]+/debian/?( |$)' | head -n1 | tr -d ' ' || true)}
+    # shellcheck disable=SC2086
+    debootstrap --variant=minbase --include="$packages" bookworm "$root" $mirror >"$CACHE/$name.debootstrap.log" 2>&1 || {
+      echo "images: debootstrap failed; see $CACHE/$name.debootstrap.log" >&2; rm -rf "$root"; return 1; }
+    rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
+    tar -C "$root" -cf "$tarball.tmp" . && mv "$tarball.tmp" "$tarball"
+    rm -rf "$root"
+  fi
+  docker import "$tarball" "$tag" >/dev/null
+}
+
+# inputs_digest WORD_OR_PATH...: a hash of the arguments and of the files under those that are
+# paths (byte code left out), to label an image with what it was built from.
+inputs_digest() {
+  local paths=() arg
+  for arg in "$@"; do [ -e "$arg" ] && paths+=("$arg"); done
+  {
+    printf '%s\n' "$@"
+    [ ${#paths[@]} -eq 0 ] || find "${paths[@]}" -type f -not -path '*/__pycache__/*' -not -name '*.pyc' -print0 \
+      | LC_ALL=C sort -z | xargs -0 -r cat
+  } | sha256sum | cut -c1-16
+}
+
+# build_if_changed TAG DIGEST CONTEXT [docker build arguments...]: build CONTEXT as TAG unless
+# the image exists with the label org.raddeploy.inputs=DIGEST.
+build_if_changed() {
+  local tag=$1 digest=$2 context=$3
+  shift 3
+  local have
+  have=$(docker image inspect -f '{{ index .Config.Labels "org.raddeploy.inputs" }}' "$tag" 2>/dev/null || true)
+  if [ "$have" != "$digest" ]; then
+    echo "images: building $tag"
+    # (the legacy builder: BuildKit is not in Debian's docker.io; its deprecation notice is dropped)
+    DOCKER_BUILDKIT=0 docker build -q --label "org.raddeploy.inputs=$digest" -t "$tag" "$@" "$context" \
+      2> >(grep -v -E "DEPRECATED|BuildKit is currently disabled|environment-variable|^$" >&2) >/dev/null
+  fi
+}

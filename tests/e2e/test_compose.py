@@ -1,0 +1,199 @@
+"""The production stack for real: images built from the local base and wheel house, the
+compose file brought up, DICOM in and out through its published port, GPU tasks on two
+(simulated) GPU hosts, the listener crashed and restarted by compose.
+
+What a site's IT does, in the order it does it: `scripts/build-prod-images.sh`, a `.env` from
+`deploy/env.example` with new secrets, `docker-compose up -d`, wait for health. The study
+index is on PostgreSQL (RADDEPLOY_INDEX_URL), Airflow runs the CeleryExecutor with the FAB
+auth manager. Each GPU worker stands for a GPU host: its own GPU id and lock folder; GPUs
+reach the (CPU-only) model containers as NVIDIA_VISIBLE_DEVICES (RADDEPLOY_GPU_MODE=env).
+Models run as uid 1000, not root and not the service account: they read their inputs through
+the data dir's group.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from compose_stack import REPO, ComposeStack, dag_loaded, project_name, since, write_flow
+from dicom_factory import make_series
+from peers import StoreSCP, storescu, wait_for
+from raddeploy_provider.airflow_client import AirflowClient
+from stack_factory import run_finished, task_instances
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.compose]
+
+CPU_FLOW = """
+name: Compose CT threshold
+id: compose_ct
+triggers:
+  - Modality: CT
+    SeriesDescription: alpha
+grouping:
+  quiet_period: 2s
+models:
+  - name: threshold
+    image: raddeploy/threshold:latest
+    user: "1000:1000"
+    environment: {{THRESHOLD_HU: "100"}}
+    inputs: {{src: /input}}
+    outputs: {{dst: /output}}
+    timeout: 5m
+destinations:
+  - {{host: {host}, port: {port}, ae_title: {ae}}}
+"""
+
+# A GPU model that says where it ran (its worker's GPU, from NVIDIA_VISIBLE_DEVICES) and takes
+# a few seconds, so a burst keeps both GPU slots busy at once.
+GPU_FLOW = """
+name: Compose GPU model
+id: compose_gpu
+triggers:
+  - Modality: CT
+    SeriesDescription: burst
+grouping:
+  quiet_period: 2s
+models:
+  - name: segment
+    image: raddeploy/threshold:latest
+    user: "1000:1000"
+    gpu: 1
+    entrypoint: ["/bin/sh", "-c"]
+    command: ["echo gpu=$NVIDIA_VISIBLE_DEVICES; sleep 4; exec python3 /app/model.py"]
+    inputs: {{src: /input}}
+    outputs: {{dst: /output}}
+    timeout: 5m
+destinations:
+  - {{host: {host}, port: {port}, ae_title: {ae}}}
+"""
+
+SERVICES = ["postgres", "redis", "api-server", "scheduler", "worker-cpu", "worker-gpu", "worker-gpu-2", "listener"]
+
+
+@pytest.fixture(scope="module")
+def images(docker_ready) -> None:
+    start = time.monotonic()
+    done = subprocess.run(["bash", str(REPO / "scripts" / "build-prod-images.sh")], cwd=REPO,
+                          capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    print(f"\nproduction images ready in {since(start)}")
+
+
+@pytest.fixture(scope="module")
+def destination(tmp_path_factory) -> StoreSCP:
+    scp = StoreSCP(tmp_path_factory.mktemp("compose-destination"), ae_title="COMPOSEDEST")
+    yield scp
+    scp.stop()
+
+
+@pytest.fixture(scope="module")
+def compose(images, destination) -> ComposeStack:
+    # Under /tmp with mode 0755 above it: the containers' uid 50000 must reach the data dir
+    # at the same path as the host (pytest's own temp folders are 0700).
+    root = Path(tempfile.mkdtemp(prefix="raddeploy-compose-", dir="/tmp"))
+    stack = ComposeStack(root, project_name(), profiles=("second-gpu-host",), settings={
+        "RADDEPLOY_GPU_MODE": "env",
+        "RADDEPLOY_GPUS": "0",
+        "RADDEPLOY_SECOND_HOST_GPUS": "1",
+        "RADDEPLOY_GPU_SLOTS": "2",
+        "RADDEPLOY_CPU_WORKER_SLOTS": "4",
+        "RADDEPLOY_GPU_WORKER_HOSTNAME": "gpu-host-a",
+        "AIRFLOW_PARALLELISM": "8",
+    })
+    start = time.monotonic()
+    try:
+        stack.up()
+        stack.wait_healthy(SERVICES)
+        print(f"\ncompose stack healthy in {since(start)}")
+        host = stack.network_gateway()  # the host, where the test's storescp listens
+        for name, text in (("cpu.yaml", CPU_FLOW), ("gpu.yaml", GPU_FLOW)):
+            write_flow(stack, name, text.format(host=host, port=destination.port, ae=destination.ae_title))
+        yield stack
+    finally:
+        print(stack.logs(tail=40)[-6000:])
+        stack.down()
+        subprocess.run(["rm", "-rf", str(root)], check=False)
+
+
+@pytest.fixture(scope="module")
+def airflow(compose) -> AirflowClient:
+    client = AirflowClient(compose.api_url, "admin", compose.env("RADDEPLOY_ADMIN_PASSWORD"))
+    for dag_id in ("compose_ct", "compose_gpu"):
+        dag_loaded(client, dag_id)
+    return client
+
+
+def new_files(destination: StoreSCP, before: set[Path], count: int, what: str, timeout: float = 300) -> list[Path]:
+    return wait_for(lambda: (lambda new: new if len(new) >= count else None)(sorted(set(destination.files()) - before)),
+                    timeout, what, interval=1)
+
+
+def test_ct_pushed_to_published_port_is_delivered(compose, airflow, destination, tmp_path):
+    series = make_series(tmp_path / "ct", slices=4, size=64, description="alpha")
+    before = set(destination.files())
+    start = time.monotonic()
+    pushed = storescu(compose.dicom_port, series.files)
+    assert pushed.returncode == 0, pushed.stderr
+
+    received = new_files(destination, before, 4, "the derived series at the host's storescp")
+    print(f"\npush -> delivered through the compose stack: {since(start)}")
+    for path in received:
+        ds = dcmread(path)
+        assert ds.StudyInstanceUID == series.study_uid
+        assert ds.SeriesInstanceUID != series.series_uid
+        assert ds.ImageType[0] == "DERIVED"
+
+    run = run_finished(airflow, "compose_ct", f"{series.study_uid}.1", timeout=120)
+    assert run["state"] == "success"
+    assert run["conf"] == {"study_uid": series.study_uid, "generation": 1}
+    tis = task_instances(airflow, "compose_ct", run["dag_run_id"])
+    model = next(ti for ti in tis.values() if ti["task_id"].endswith("threshold"))
+    assert model["hostname"] == "worker-cpu"  # a CPU model runs on the CPU worker's queue
+
+
+def test_gpu_burst_runs_on_both_gpu_hosts(compose, airflow, destination, tmp_path):
+    studies = [make_series(tmp_path / f"s{i}", slices=1, size=32, description="burst") for i in range(6)]
+    before = set(destination.files())
+    for series in studies:
+        pushed = storescu(compose.dicom_port, series.files)
+        assert pushed.returncode == 0, pushed.stderr
+    new_files(destination, before, len(studies), "every study's GPU result delivered", timeout=400)
+
+    hosts: dict[str, list[str]] = {}
+    for series in studies:
+        run = run_finished(airflow, "compose_gpu", f"{series.study_uid}.1", timeout=120)
+        assert run["state"] == "success", run
+        tis = task_instances(airflow, "compose_gpu", run["dag_run_id"])
+        model = next(ti for ti in tis.values() if ti["task_id"].endswith("segment"))
+        assert model["pool"] == "raddeploy_gpu" and model["queue"] == "gpu"
+        status, xcom = airflow.get(f"/api/v2/dags/compose_gpu/dagRuns/{run['dag_run_id']}/taskInstances/"
+                                   f"{model['task_id']}/xcomEntries/return_value?deserialize=true")
+        assert status == 200, xcom
+        gpus = xcom["value"]["gpus"]
+        hosts.setdefault(model["hostname"], []).extend(gpus)
+    print(f"\nGPU tasks per host: { {h: len(g) for h, g in hosts.items()} }")
+    # Both hosts took GPU work, each only ever its own device.
+    assert set(hosts) == {"gpu-host-a", "worker-gpu-2"}, hosts
+    assert set(hosts["gpu-host-a"]) == {"0"} and set(hosts["worker-gpu-2"]) == {"1"}, hosts
+
+
+def test_listener_killed_and_restarted_by_compose_loses_nothing(compose, airflow, destination, tmp_path):
+    series = make_series(tmp_path / "ct", slices=5, size=64, description="alpha")
+    before = set(destination.files())
+    pushed = storescu(compose.dicom_port, series.files)
+    assert pushed.returncode == 0, pushed.stderr  # every instance acknowledged ...
+    restarts = compose.kill_main_process("listener")  # ... then the listener dies at once
+    compose.wait_restarted("listener", restarts)
+
+    received = new_files(destination, before, 5, "the study acknowledged before the crash, delivered after it")
+    assert {dcmread(p).StudyInstanceUID for p in received} == {series.study_uid}
+    sources = {dcmread(p).SourceImageSequence[0].ReferencedSOPInstanceUID for p in received}
+    assert sources == {dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in series.files}
+    run = run_finished(airflow, "compose_ct", f"{series.study_uid}.1", timeout=120)
+    assert run["state"] == "success"
