@@ -127,6 +127,13 @@ class ComposeStack:
     def logs(self, service: str = "", tail: int = 60) -> str:
         return self.compose("logs", "--no-color", "--tail", str(tail), *([service] if service else []), check=False).stdout
 
+    def stats(self) -> str:
+        """``docker stats`` of the stack's containers now: CPU and memory per service (docs/production.md)."""
+        ids = self.compose("ps", "-q").stdout.split()
+        out = subprocess.run(["docker", "stats", "--no-stream", "--format", "{{.Name}}\t{{.CPUPerc}}\t{{.MemUsage}}", *ids],
+                             capture_output=True, text=True)
+        return out.stdout
+
     def network_gateway(self) -> str:
         """The host's address on the stack's network: where containers reach a peer on the host."""
         out = subprocess.run(["docker", "network", "inspect", f"{self.project}_default", "-f",

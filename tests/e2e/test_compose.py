@@ -111,6 +111,8 @@ def compose(images, destination) -> ComposeStack:
         stack.up()
         stack.wait_healthy(SERVICES)
         print(f"\ncompose stack healthy in {since(start)}")
+        time.sleep(20)  # settled: the figures of an idle stack (docs/production.md), not a wait for anything
+        print(f"idle:\n{stack.stats()}")
         host = stack.network_gateway()  # the host, where the test's storescp listens
         for name, text in (("cpu.yaml", CPU_FLOW), ("gpu.yaml", GPU_FLOW)):
             write_flow(stack, name, text.format(host=host, port=destination.port, ae=destination.ae_title))
@@ -163,6 +165,8 @@ def test_gpu_burst_runs_on_both_gpu_hosts(compose, airflow, destination, tmp_pat
     for series in studies:
         pushed = storescu(compose.dicom_port, series.files)
         assert pushed.returncode == 0, pushed.stderr
+    time.sleep(8)  # mid-burst: the figures of a busy stack (docs/production.md), not a wait for anything
+    print(f"\nbusy:\n{compose.stats()}")
     new_files(destination, before, len(studies), "every study's GPU result delivered", timeout=400)
 
     hosts: dict[str, list[str]] = {}
@@ -197,3 +201,34 @@ def test_listener_killed_and_restarted_by_compose_loses_nothing(compose, airflow
     assert sources == {dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in series.files}
     run = run_finished(airflow, "compose_ct", f"{series.study_uid}.1", timeout=120)
     assert run["state"] == "success"
+
+
+def test_data_dir_holds_nothing_for_other_users(compose):
+    """After the runs above: the permission scheme (docs/production.md "Permissions") held."""
+    top = compose.data_dir.stat()
+    assert (top.st_uid, top.st_gid) == (50000, 50000) and top.st_mode & 0o7777 == 0o2750
+    seen = 0
+    for path in compose.data_dir.rglob("*"):
+        info = path.lstat()
+        if path.is_symlink():
+            continue
+        seen += 1
+        assert info.st_mode & 0o007 == 0, f"{path} is open to other users ({oct(info.st_mode & 0o777)})"
+        assert info.st_gid == 50000, f"{path} is not in the data dir's group"
+    assert seen > 20  # studies, runs, outputs of the tests above
+
+
+def test_placeholder_secrets_are_refused(images, tmp_path):
+    """The image refuses to start with the example's `change-me`; compose refuses a missing secret."""
+    done = subprocess.run(["docker", "run", "--rm", "-e", "AIRFLOW_JWT_SECRET=change-me", "raddeploy/airflow:latest",
+                           "airflow", "version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 78, done
+    assert "AIRFLOW_JWT_SECRET still holds the example's placeholder 'change-me'" in done.stderr
+
+    stack = ComposeStack(tmp_path / "stack", project_name())
+    env = stack.root / ".env"
+    env.write_text("".join(line + "\n" for line in env.read_text().splitlines()
+                           if not line.startswith("RADDEPLOY_ADMIN_PASSWORD=")))
+    config = stack.compose("config", check=False)
+    assert config.returncode != 0
+    assert "RADDEPLOY_ADMIN_PASSWORD" in config.stderr and "set it in .env" in config.stderr
