@@ -230,7 +230,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from raddeploy.embedded import EmbeddedStack
+    from raddeploy.embedded import EmbeddedStack, StackGaveUp
 
     stack = EmbeddedStack(home=Path(args.home).absolute(), flows_dir=Path(args.flows).absolute(),
                           api_port=args.api_port, dicom_port=args.port, ae_title=args.ae_title,
@@ -239,7 +239,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     print(f"starting Airflow (logs: {stack.logs_dir}/airflow.log) ...", flush=True)
-    stack.start()
+    try:
+        stack.start()  # stops what it started if a child does not come up
+    except RuntimeError as exc:
+        print(f"raddeploy run: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except BaseException:  # e.g. the GPU pool call failed: no Airflow left behind
+        stack.stop()
+        raise
     password = stack.passwords()["admin"]
     reach = ("this host only; RADDEPLOY_LISTEN_HOST=0.0.0.0 accepts others (set RADDEPLOY_ALLOWED_NETWORKS too)"
              if stack.dicom_host in ("127.0.0.1", "::1", "localhost") else
@@ -251,11 +258,17 @@ raddeploy is running.
                 {reach}
   flows:        {stack.flows_dir}
   data:         {stack.data_dir}
-Ctrl-C stops everything.
+Ctrl-C stops everything. A process that dies is restarted; one that keeps dying stops everything.
 """, flush=True)
-    stop.wait()
-    print("stopping ...", flush=True)
-    stack.stop()
+    try:
+        stack.supervise(stop)
+    except StackGaveUp as exc:
+        print(f"raddeploy run stopped: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if stop.is_set():
+            print("stopping ...", flush=True)
+        stack.stop()  # whatever happened: never leave half the stack running
     return 0
 
 

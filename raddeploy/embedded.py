@@ -6,6 +6,16 @@ were measured on 2 cores (README "Settings"); standalone forwards a shutdown onl
 SIGINT, so it is stopped with SIGINT and its stragglers escalated per process group. The
 passwords are generated once and kept in ``<home>/passwords.json`` (mode 0600).
 
+Supervised (README "The two commands"): :meth:`EmbeddedStack.supervise`, the loop ``raddeploy
+run`` drives, restarts a child that dies, after a back-off (:class:`RestartPolicy`), and when
+restarting does not help it stops everything and raises :class:`StackGaveUp`: the DICOM port
+never stays open while Airflow is gone for good, nor Airflow without a listener. Airflow
+standalone starts its components once and never again (measured, Airflow 3.3.2: a killed
+scheduler, api-server, ... stays a zombie and standalone runs on without it), so the death of
+a component restarts standalone as a whole. ``start()``, ``stop()``, ``stop_airflow()`` and
+``restart_listener()`` supervise nothing: the tests drive them, and an Airflow stopped by
+``stop_airflow()`` is an outage the supervisor leaves alone.
+
 Secure by default (README "Security"): every process listens on 127.0.0.1 only (the
 listener unless ``RADDEPLOY_LISTEN_HOST`` says otherwise; the API server; Airflow's worker
 and triggerer log servers, which Airflow itself binds to every interface: see
@@ -15,18 +25,24 @@ and triggerer log servers, which Airflow itself binds to every interface: see
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from raddeploy_provider.config import PROCESS_UMASK
+
+log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DAGS_FOLDER = REPO_ROOT / "dags"
@@ -40,6 +56,84 @@ from raddeploy.embedded import airflow_process_started
 __all__: list[str] = []  # nothing for airflow.settings to take over
 airflow_process_started()
 '''
+#: The children ``airflow standalone`` starts (as ``airflow <name>``; the api-server retitles
+#: itself ``airflow api_server -- host:...``). It starts each once: a dead one is not restarted.
+AIRFLOW_COMPONENTS = ("scheduler", "dag-processor", "triggerer", "api-server")
+#: How long a restarted child may take to be ready (Airflow healthy; the listener listening).
+AIRFLOW_START_TIMEOUT = 180.0
+LISTENER_START_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class Restart:
+    """Start the child again after ``delay`` seconds; ``deaths`` within the window, this one included."""
+
+    delay: float
+    deaths: int
+
+
+@dataclass(frozen=True)
+class GiveUp:
+    """Restarting does not help: ``deaths`` within ``window`` seconds. Stop everything."""
+
+    deaths: int
+    window: float
+
+
+@dataclass
+class RestartPolicy:
+    """When a child that died is started again, and when to stop trying. Pure: no clock, no I/O.
+
+    The caller passes the time (monotonic seconds). The delay starts at ``first_delay`` and
+    doubles up to ``max_delay``; a child that ran ready for ``healthy_reset`` seconds starts at
+    ``first_delay`` again. ``max_deaths`` deaths within ``window`` seconds: give up.
+    """
+
+    first_delay: float = 1.0
+    max_delay: float = 60.0
+    healthy_reset: float = 120.0
+    max_deaths: int = 5
+    window: float = 600.0
+    deaths: list[float] = field(default_factory=list)
+    next_delay: float | None = None  # None: first_delay
+    up_since: float | None = None
+
+    def up(self, now: float) -> None:
+        """The child is ready (again)."""
+        self.up_since = now
+
+    def died(self, now: float) -> Restart | GiveUp:
+        if self.up_since is not None and now - self.up_since >= self.healthy_reset:
+            self.next_delay = None
+        self.up_since = None
+        self.deaths = [t for t in self.deaths if now - t < self.window] + [now]
+        if len(self.deaths) >= self.max_deaths:
+            return GiveUp(len(self.deaths), self.window)
+        delay = self.first_delay if self.next_delay is None else self.next_delay
+        self.next_delay = min(delay * 2, self.max_delay)
+        return Restart(delay, len(self.deaths))
+
+    def describe(self, decision: Restart) -> str:
+        return f"death {decision.deaths}; {self.max_deaths} within {_minutes(self.window)} stop everything"
+
+
+class StackGaveUp(RuntimeError):
+    """A child kept dying: the supervisor stopped everything. The message names the log to read."""
+
+
+@dataclass
+class _Watch:
+    """What the supervisor knows of one child: ``up``, ``waiting`` to restart (until ``at``),
+    ``starting`` (ready by ``at``), or (Airflow) ``adopt``: stopped by stop_airflow(), not ours to restart."""
+
+    name: str
+    policy: RestartPolicy
+    state: str = "up"
+    at: float = 0.0
+    since: float = 0.0  # when it died
+    cause: str = ""  # the log line of its last death
+    started: float = 0.0  # epoch seconds of its last restart
+    components: dict[str, int] = field(default_factory=dict)  # Airflow: name -> pid, while up
 
 
 @dataclass
@@ -138,15 +232,22 @@ class EmbeddedStack:
         self._ensure_gpu_pool(env)
         self._start_listener()
 
-    def start_airflow(self, timeout: float = 180.0) -> None:
+    def start_airflow(self, timeout: float = AIRFLOW_START_TIMEOUT) -> None:
         """Airflow standalone, until its API, scheduler, triggerer and dag-processor are healthy."""
-        self._airflow = subprocess.Popen(
-            ["airflow", "standalone"], env=self.environment(), cwd=self.home,
-            stdout=open(self.logs_dir / "airflow.log", "ab"), stderr=subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C reaches us; we stop Airflow in order
-            preexec_fn=_airflow_child,
-        )
+        self._spawn_airflow()
         self._wait(lambda: self._airflow_healthy(), timeout, "Airflow", self._airflow)
+
+    def _spawn_airflow(self, note: str | None = None) -> None:
+        with open(self.logs_dir / "airflow.log", "ab") as out:
+            if note:  # a restart: say why in the file the operator reads
+                out.write(f"---- raddeploy {time.strftime('%Y-%m-%d %H:%M:%S')}: {note} ----\n".encode())
+                out.flush()
+            self._airflow = subprocess.Popen(
+                ["airflow", "standalone"], env=self.environment(), cwd=self.home,
+                stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches us; we stop Airflow in order
+                preexec_fn=_airflow_child,
+            )
 
     def stop_airflow(self) -> None:
         """Airflow alone (the listener keeps receiving): for tests of an Airflow outage."""
@@ -154,12 +255,29 @@ class EmbeddedStack:
         self._airflow = None
 
     def _start_listener(self) -> None:
-        out = self.listener_output if self.listener_output is not None else open(self.logs_dir / "listener.log", "ab")
-        self._listener = subprocess.Popen(
-            [sys.executable, "-m", "listener"], env=self.environment(), cwd=self.home,
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_restrict_umask,
-        )
-        self._wait(lambda: _port_open(self.dicom_port), 30, "listener", self._listener)
+        self._spawn_listener()
+        self._wait(lambda: _port_open(self.dicom_port), LISTENER_START_TIMEOUT, "listener", self._listener)
+
+    def _spawn_listener(self) -> None:
+        if self.listener_output is not None:
+            out = self.listener_output
+        else:
+            out = os.open(self.logs_dir / "listener.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        try:
+            self._listener = subprocess.Popen(
+                [sys.executable, "-m", "listener"], env=self.environment(), cwd=self.home,
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_restrict_umask,
+            )
+        finally:
+            if out != self.listener_output:
+                os.close(out)  # the child has its own copy
+
+    @property
+    def listener_log(self) -> str:
+        """Where the listener writes, for messages: its log file, or the output it shares."""
+        if self.listener_output is None:
+            return str(self.logs_dir / "listener.log")
+        return "the listener's lines above (its output is this command's)"
 
     def _ensure_gpu_pool(self, env: dict[str, str]) -> None:
         """One slot per GPU of this host, so GPU model tasks are scheduled (or wait visibly)."""
@@ -172,14 +290,24 @@ class EmbeddedStack:
         client.ensure_pool(env.get("RADDEPLOY_GPU_POOL", "raddeploy_gpu"), len(ids),
                            f"GPUs of this host ({', '.join(ids) or 'none found'}); one slot each")
 
-    def _airflow_healthy(self) -> bool:
+    def _airflow_healthy(self, since: float | None = None) -> bool:
+        """All healthy; with ``since`` (epoch seconds), heartbeats after it too: a restarted
+        Airflow reports the old components' heartbeats healthy for a while (30 s threshold)."""
         try:
             with urllib.request.urlopen(f"{self.api_url}/api/v2/monitor/health", timeout=2) as resp:
                 health = json.loads(resp.read())
         except OSError:
             return False
-        return all(health.get(part, {}).get("status") == "healthy"
-                   for part in ("metadatabase", "scheduler", "triggerer", "dag_processor"))
+        parts = ("scheduler", "triggerer", "dag_processor")
+        if not all(health.get(part, {}).get("status") == "healthy" for part in ("metadatabase", *parts)):
+            return False
+        if since is None:
+            return True
+        try:
+            beats = [datetime.fromisoformat(health[part][f"latest_{part}_heartbeat"]).timestamp() for part in parts]
+        except (KeyError, TypeError, ValueError):
+            return False
+        return min(beats) >= since
 
     def _wait(self, ready, timeout: float, what: str, proc: subprocess.Popen) -> None:
         deadline = time.monotonic() + timeout
@@ -203,6 +331,115 @@ class EmbeddedStack:
         _stop_process(self._listener, signal.SIGTERM)
         _stop_process(self._airflow, signal.SIGINT, grace=30)
         self._listener = self._airflow = None
+
+    # -- supervision: the loop of `raddeploy run` ---------------------------------------------
+
+    def supervise(self, stop: threading.Event, policy: Callable[[], RestartPolicy] = RestartPolicy,
+                  tick: float = 0.5) -> None:
+        """Watch the started stack until ``stop`` is set; the caller then calls :meth:`stop`.
+
+        A dead listener is started again after the policy's delay: the gap is safe (what it
+        acknowledged is durable, its outbox posts the triggers later). Airflow is restarted as
+        a whole when standalone or one of its components dies; the listener keeps receiving
+        meanwhile. A child that keeps dying (:class:`GiveUp`): everything is stopped, listener
+        first, and :class:`StackGaveUp` raised. An Airflow stopped by :meth:`stop_airflow` is
+        not watched (until start_airflow() starts it again). Not to be run alongside
+        restart_listener(): both would start a listener.
+        """
+        now = time.monotonic()
+        watches = {"listener": _Watch("listener", policy()), "Airflow": _Watch("Airflow", policy())}
+        for watch in watches.values():
+            watch.policy.up(now)
+        while not stop.wait(tick):
+            self._watch_listener(watches["listener"], time.monotonic())
+            if not stop.is_set():
+                self._watch_airflow(watches["Airflow"], time.monotonic())
+
+    def _watch_listener(self, watch: _Watch, now: float) -> None:
+        proc = self._listener
+        if proc is None:
+            return
+        if watch.state == "waiting":
+            if now >= watch.at:
+                self._spawn_listener()
+                watch.state, watch.at = "starting", now + LISTENER_START_TIMEOUT
+            return
+        if proc.poll() is not None:
+            what = "died while starting" if watch.state == "starting" else "died"
+            self._died(watch, now, f"listener (pid {proc.pid}) {what} ({exit_text(proc.returncode)})",
+                       self.listener_log)
+        elif watch.state == "starting":
+            if _port_open(self.dicom_port):
+                watch.state = "up"
+                watch.policy.up(now)
+                log.info("listener (pid %d) listening again on port %d, %.0f s after it died",
+                         proc.pid, self.dicom_port, now - watch.since)
+            elif now >= watch.at:  # _died kills it
+                self._died(watch, now, f"listener (pid {proc.pid}) not listening {LISTENER_START_TIMEOUT:.0f} s "
+                           "after its start", self.listener_log)
+
+    def _watch_airflow(self, watch: _Watch, now: float) -> None:
+        proc = self._airflow
+        if proc is None:  # stopped on purpose (stop_airflow): an outage we leave alone
+            watch.state = "adopt"
+            return
+        if watch.state == "adopt":  # started again by start_airflow(): watched once it is healthy
+            watch.state, watch.at, watch.since = "starting", now + AIRFLOW_START_TIMEOUT, now
+            watch.started = time.time()
+        airflow_log = str(self.logs_dir / "airflow.log")
+        if watch.state == "waiting":
+            if now >= watch.at:
+                watch.started = time.time()
+                self._spawn_airflow(note=f"restarting Airflow standalone: {watch.cause}")
+                watch.state, watch.at = "starting", now + AIRFLOW_START_TIMEOUT
+                log.info("Airflow standalone started again (pid %d); waiting until it is healthy", self._airflow.pid)
+            return
+        if proc.poll() is not None:
+            what = "died while starting" if watch.state == "starting" else "died"
+            self._died(watch, now, f"Airflow standalone (pid {proc.pid}) {what} ({exit_text(proc.returncode)})",
+                       airflow_log)
+            return
+        children = airflow_components(proc.pid)
+        if watch.state == "up":
+            if not watch.components:  # the first look at a stack start() made
+                watch.components = _running_components(children)
+            dead = [f"Airflow's {name} (pid {pid}) died "
+                    f"({exit_text(children[pid][1] if pid in children else None, wait_status=True)})"
+                    for name, pid in watch.components.items() if pid not in children or children[pid][1] is not None]
+            dead += [f"Airflow's {name} is not running" for name in AIRFLOW_COMPONENTS if name not in watch.components]
+            if dead:
+                self._died(watch, now, "; ".join(dead), airflow_log,
+                           restart="standalone does not restart its components: restarting Airflow standalone")
+        elif watch.state == "starting":
+            running = _running_components(children)
+            if len(running) == len(AIRFLOW_COMPONENTS) and self._airflow_healthy(since=watch.started):
+                watch.state, watch.components = "up", running
+                watch.policy.up(now)
+                log.info("Airflow healthy again (standalone pid %d), %.0f s after it went down", proc.pid,
+                         now - watch.since)
+            elif now >= watch.at:
+                self._died(watch, now, f"Airflow standalone (pid {proc.pid}) not healthy "
+                           f"{AIRFLOW_START_TIMEOUT:.0f} s after its start", airflow_log)
+
+    def _died(self, watch: _Watch, now: float, cause: str, log_file: str, restart: str = "restarting it") -> None:
+        """One log line for a death, then the policy's decision: restart later, or stop everything."""
+        decision = watch.policy.died(now)
+        watch.cause = cause
+        if isinstance(decision, GiveUp):
+            message = (f"{cause}: {watch.name} died {decision.deaths} times in {_minutes(decision.window)}, "
+                       f"restarting does not help; stopped everything. Read {log_file}")
+            log.error("%s; stopping everything", cause)
+            if watch.name == "Airflow":  # listener first, then what is left of Airflow
+                _stop_process(self._listener, signal.SIGTERM)
+                _stop_group(self._airflow)
+            self.stop()
+            raise StackGaveUp(message)
+        log.warning("%s; %s in %g s (%s)", cause, restart, decision.delay, watch.policy.describe(decision))
+        if watch.name == "Airflow":
+            _stop_group(self._airflow)
+        else:  # dead (or not listening in time): it and anything left in its process group
+            _stop_process(self._listener, signal.SIGKILL)
+        watch.state, watch.at, watch.since = "waiting", now + decision.delay, now
 
 
 def _restrict_umask() -> None:
@@ -249,10 +486,101 @@ def airflow_process_started() -> None:
     uvicorn.run = loopback_run
 
 
+def exit_text(status: int | None, wait_status: bool = False) -> str:
+    """``exit code 1`` or ``killed by SIGKILL``: from a Popen return code, or a raw wait status."""
+    if status is None:
+        return "exit status unknown"
+    if wait_status:
+        status = -(status & 0x7F) if status & 0x7F else status >> 8
+    if status < 0:
+        try:
+            return f"killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"killed by signal {-status}"
+    return f"exit code {status}"
+
+
+def airflow_components(standalone_pid: int) -> dict[int, tuple[str | None, int | None]]:
+    """Standalone's children now: pid -> (component name, None while it runs, else its wait status).
+
+    Read from /proc (Linux): the direct children of ``standalone_pid``; a running one is named
+    by its title (``airflow <name>``). Standalone never reaps a component that died: it stays
+    a zombie (no title) with its exit status (``/proc/<pid>/stat`` field 52).
+    """
+    return {pid: (name, status) for pid, _, _, name, status in _processes(ppid=standalone_pid)}
+
+
+def _processes(ppid: int | None = None, pgid: int | None = None):
+    """(pid, ppid, pgid, component name or None, None or a zombie's wait status) of each process
+    (with this parent, in this process group)."""
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()  # fields[0] is field 3 (state)
+            parent, group = int(fields[1]), int(fields[2])
+            if (ppid is not None and parent != ppid) or (pgid is not None and group != pgid):
+                continue
+            if fields[0] == "Z":
+                yield int(entry.name), parent, group, None, int(fields[49]) if len(fields) > 49 else 0
+                continue
+            words = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").split()
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        name = next((w.replace("_", "-") for w in words[:3] if w.replace("_", "-") in AIRFLOW_COMPONENTS), None)
+        yield int(entry.name), parent, group, name, None
+
+
+def _running_components(children: dict[int, tuple[str | None, int | None]]) -> dict[str, int]:
+    return {name: pid for pid, (name, status) in children.items() if name is not None and status is None}
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
+
+
 def _port_open(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
         return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _stop_group(proc: subprocess.Popen | None, grace: float = 10.0) -> None:
+    """SIGTERM to Airflow's whole process group; once standalone and its components are gone
+    (or after ``grace``), SIGKILL to what is left.
+
+    For an Airflow that lost standalone or a component. Not SIGINT to standalone: with a dead
+    component it does not exit (measured: still there after 30 s; it waits for the end of the
+    dead one's output, and the dead scheduler's orphaned workers hold that pipe). A dead
+    standalone leaves its components running, the api-server on the API port. The components
+    stop on SIGTERM in ~4 s; a dead scheduler's idle LocalExecutor workers ignore it.
+    """
+    if proc is None:
+        return
+    # standalone's components, its children or (standalone dead) orphans still in its group
+    waited = {pid for pid, _, _, name, status in _processes(pgid=proc.pid) if name and status is None}
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and (proc.poll() is None or any(_alive(pid) for pid in waited)):
+        time.sleep(0.2)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _alive(pid: int) -> bool:
+    """``pid`` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2:].split()[0] != "Z"
 
 
 def _stop_process(proc: subprocess.Popen | None, sig: int, grace: float = 10.0) -> None:

@@ -19,28 +19,46 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-# Orthanc (a real PACS peer for tests, and a receiver in bench/ingest.py), on its own: its
-# package would start its system service (ports 4242 and 8042); tests and the benchmark run
-# their own instances with their own config and ports, so a policy-rc.d forbids that start
-# (the usual Debian way; kept if the machine has one), and under systemd it is not enabled
-# at boot either.
-# Debian installs it as /usr/sbin/Orthanc, not on a normal user's PATH.
-if ! command -v Orthanc >/dev/null 2>&1 && [ ! -x /usr/sbin/Orthanc ]; then
-  echo "ensure-system: installing orthanc (its system service left stopped)"
-  made_policy=""
+# Packages whose install would start a system service we never use: tests and the benchmarks
+# run their own instances with their own config and ports. A policy-rc.d forbids that start
+# (the usual Debian way; kept if the machine has one), and under systemd it is not enabled at
+# boot either. install_without_service PACKAGE SERVICE
+install_without_service() {
+  local package=$1 service=$2 made_policy="" status=0
+  echo "ensure-system: installing $package (its system service left stopped)"
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
     $SUDO chmod 755 /usr/sbin/policy-rc.d
     made_policy=1
   fi
-  status=0
-  { [ ${#need[@]} -gt 0 ] || $SUDO apt-get update -qq; } &&
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq orthanc >/dev/null || status=$?
+  { [ -n "$updated" ] || $SUDO apt-get update -qq; } &&
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$package" >/dev/null || status=$?
+  updated=1
   [ -z "$made_policy" ] || $SUDO rm -f /usr/sbin/policy-rc.d
-  [ "$status" -eq 0 ] || { echo "ensure-system: installing orthanc failed" >&2; exit "$status"; }
+  [ "$status" -eq 0 ] || { echo "ensure-system: installing $package failed" >&2; exit "$status"; }
   # invoke-rc.d honours the policy; without invoke-rc.d the postinst runs the init script itself
-  [ ! -x /etc/init.d/orthanc ] || $SUDO /etc/init.d/orthanc stop >/dev/null 2>&1 || true
-  [ ! -d /run/systemd/system ] || $SUDO systemctl disable orthanc >/dev/null 2>&1 || true
+  [ ! -x "/etc/init.d/$service" ] || $SUDO "/etc/init.d/$service" stop >/dev/null 2>&1 || true
+  [ ! -d /run/systemd/system ] || $SUDO systemctl disable "$service" >/dev/null 2>&1 || true
+}
+updated=""
+[ ${#need[@]} -eq 0 ] || updated=1
+
+# Orthanc: a real PACS peer for tests, and a receiver in bench/ingest.py (ports 4242 and 8042).
+# Debian installs it as /usr/sbin/Orthanc, not on a normal user's PATH.
+if ! command -v Orthanc >/dev/null 2>&1 && [ ! -x /usr/sbin/Orthanc ]; then
+  install_without_service orthanc orthanc
+fi
+
+# PostgreSQL's server: the study index's second backend (RADDEPLOY_INDEX_URL), which the tests
+# and bench/ingest.py run in a cluster of their own (tests/postgres.py; port 5432 stays free).
+if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
+  install_without_service postgresql postgresql
+fi
+
+# slapd (OpenLDAP): a real directory for the production stack's LDAP sign-in test, run as an
+# instance of the test's own (tests/directory.py).
+if [ ! -x /usr/sbin/slapd ]; then
+  install_without_service slapd slapd
 fi
 
 # A Docker engine: use the one that answers, else start Debian's dockerd (no systemd here).

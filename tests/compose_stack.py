@@ -9,6 +9,7 @@ so it never touches another stack on the machine.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import os
 import re
@@ -149,6 +150,18 @@ class ComposeStack:
     def wait_restarted(self, service: str, count_before: int, timeout: float = 120) -> None:
         wait_for(lambda: self.state(service)["RestartCount"] > count_before and self.health(service) == "healthy",
                  timeout, f"{service} restarted by compose and healthy", interval=1)
+
+
+def bridge_address() -> str:
+    """An address of this host that every container reaches (Docker's default bridge, docker0),
+    known before ``up``: where the test's own peers (slapd) listen for the stack."""
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show", "docker0"], capture_output=True, text=True)
+    found = re.search(r"inet (\d+\.\d+\.\d+\.\d+)/", out.stdout)
+    if found:
+        return found.group(1)
+    subnet = subprocess.run(["docker", "network", "inspect", "bridge", "-f", "{{(index .IPAM.Config 0).Subnet}}"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    return str(ipaddress.ip_network(subnet)[1])  # Docker gives the bridge the subnet's first address
 
 
 def write_flow(stack: ComposeStack, name: str, text: str) -> None:

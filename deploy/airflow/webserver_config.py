@@ -32,7 +32,7 @@ if os.environ.get("RADDEPLOY_LDAP_SERVER"):
     AUTH_LDAP_LASTNAME_FIELD = "sn"
     AUTH_LDAP_EMAIL_FIELD = "mail"
     # {"cn=rt-physicists,ou=groups,dc=hospital,dc=example": ["User"], "cn=rt-it,...": ["Admin"]}
-    AUTH_ROLES_MAPPING = json.loads(os.environ.get("RADDEPLOY_LDAP_ROLES", "{}"))
+    AUTH_ROLES_MAPPING = json.loads(os.environ.get("RADDEPLOY_LDAP_ROLES") or "{}")
     AUTH_ROLES_SYNC_AT_LOGIN = True
     AUTH_USER_REGISTRATION = True  # a directory user gets an Airflow account at first sign-in ...
     AUTH_USER_REGISTRATION_ROLE = os.environ.get("RADDEPLOY_LDAP_DEFAULT_ROLE", "Public")  # ... that sees nothing unless mapped

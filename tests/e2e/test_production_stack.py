@@ -13,16 +13,20 @@ the data dir's group.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 
-from compose_stack import REPO, ComposeStack, dag_loaded, project_name, since, write_flow
+from compose_stack import REPO, ComposeStack, bridge_address, dag_loaded, project_name, since, write_flow
 from dicom_factory import make_series
+from directory import ADMIN_DN, SUFFIX, Directory
 from peers import StoreSCP, storescu, wait_for
 from raddeploy_provider.airflow_client import AirflowClient
 from stack_factory import run_finished, task_instances
@@ -93,7 +97,18 @@ def destination(tmp_path_factory) -> StoreSCP:
 
 
 @pytest.fixture(scope="module")
-def compose(images, destination) -> ComposeStack:
+def directory(tmp_path_factory) -> Directory:
+    """The hospital's directory: a physicist in the group mapped to role User, a visitor in none."""
+    ldap = Directory(tmp_path_factory.mktemp("ldap"), "directory-admin-secret", {
+        "physicist": ("physicist-secret", ["rt-physics"]),
+        "visitor": ("visitor-secret", ["canteen"]),
+    })
+    yield ldap
+    ldap.stop()
+
+
+@pytest.fixture(scope="module")
+def compose(images, destination, directory) -> ComposeStack:
     # Under /tmp with mode 0755 above it: the containers' uid 50000 must reach the data dir
     # at the same path as the host (pytest's own temp folders are 0700).
     root = Path(tempfile.mkdtemp(prefix="raddeploy-compose-", dir="/tmp"))
@@ -105,14 +120,21 @@ def compose(images, destination) -> ComposeStack:
         "RADDEPLOY_CPU_WORKER_SLOTS": "4",
         "RADDEPLOY_GPU_WORKER_HOSTNAME": "gpu-host-a",
         "AIRFLOW_PARALLELISM": "8",
+        # Sign-in through the directory (docs/production.md "Accounts"), reached on a host address.
+        "RADDEPLOY_LDAP_SERVER": f"ldap://{bridge_address()}:{directory.port}",
+        "RADDEPLOY_LDAP_BIND_USER": ADMIN_DN,
+        "RADDEPLOY_LDAP_BIND_PASSWORD": directory.admin_password,
+        "RADDEPLOY_LDAP_SEARCH": f"ou=people,{SUFFIX}",
+        "RADDEPLOY_LDAP_UID_FIELD": "uid",
+        "RADDEPLOY_LDAP_GROUP_FIELD": "seeAlso",
+        "RADDEPLOY_LDAP_ROLES": json.dumps({Directory.group_dn("rt-physics"): ["User"]}),
     })
     start = time.monotonic()
     try:
         stack.up()
         stack.wait_healthy(SERVICES)
         print(f"\ncompose stack healthy in {since(start)}")
-        time.sleep(20)  # settled: the figures of an idle stack (docs/production.md), not a wait for anything
-        print(f"idle:\n{stack.stats()}")
+        print(f"idle:\n{stack.stats()}")  # the figures of docs/production.md
         host = stack.network_gateway()  # the host, where the test's storescp listens
         for name, text in (("cpu.yaml", CPU_FLOW), ("gpu.yaml", GPU_FLOW)):
             write_flow(stack, name, text.format(host=host, port=destination.port, ae=destination.ae_title))
@@ -165,8 +187,8 @@ def test_gpu_burst_runs_on_both_gpu_hosts(compose, airflow, destination, tmp_pat
     for series in studies:
         pushed = storescu(compose.dicom_port, series.files)
         assert pushed.returncode == 0, pushed.stderr
-    time.sleep(8)  # mid-burst: the figures of a busy stack (docs/production.md), not a wait for anything
-    print(f"\nbusy:\n{compose.stats()}")
+    new_files(destination, before, 1, "the first GPU result")
+    print(f"\nbusy (mid-burst):\n{compose.stats()}")  # the figures of docs/production.md
     new_files(destination, before, len(studies), "every study's GPU result delivered", timeout=400)
 
     hosts: dict[str, list[str]] = {}
@@ -201,6 +223,25 @@ def test_listener_killed_and_restarted_by_compose_loses_nothing(compose, airflow
     assert sources == {dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in series.files}
     run = run_finished(airflow, "compose_ct", f"{series.study_uid}.1", timeout=120)
     assert run["state"] == "success"
+
+
+def test_directory_accounts_sign_in_with_their_groups_roles(compose, airflow):
+    """LDAP sign-in (FAB auth manager): the group decides the role; the database accounts still work."""
+    physicist = AirflowClient(compose.api_url, "physicist", "physicist-secret")
+    status, dags = physicist.get("/api/v2/dags")
+    assert status == 200 and {"compose_ct", "compose_gpu"} <= {d["dag_id"] for d in dags["dags"]}
+
+    visitor = AirflowClient(compose.api_url, "visitor", "visitor-secret")  # signs in, may see nothing
+    status, dags = visitor.get("/api/v2/dags")
+    assert status == 403 or (status == 200 and dags["dags"] == []), (status, dags)
+
+    wrong = urllib.request.Request(f"{compose.api_url}/auth/token", method="POST",
+                                   data=json.dumps({"username": "physicist", "password": "wrong"}).encode(),
+                                   headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(wrong, timeout=10)
+    assert refused.value.code == 401
+    assert airflow.get("/api/v2/dags")[0] == 200  # admin: a database account, LDAP on
 
 
 def test_data_dir_holds_nothing_for_other_users(compose):
