@@ -10,13 +10,19 @@ folder and a freshly started process, and the median wall time of the push is re
 - orthanc:   Orthanc (Debian package) with loopback ports and its storage in a temp dir
 - listener:  `python -m listener`, RADDEPLOY_FSYNC=never (the default), then =always, with one
              flow whose trigger matches the CT and Airflow down (the outbox keeps the trigger)
+- listener (PostgreSQL): the same, its index on PostgreSQL (RADDEPLOY_INDEX_URL, a fresh schema
+             a push) instead of SQLite in the data dir: a local server started for the run
+             (tests/postgres.py) at its durable defaults (fsync, synchronous_commit and
+             full_page_writes on), reached over TCP loopback with a password; the listener's
+             own session turns synchronous_commit off with RADDEPLOY_FSYNC=never, as it does
+             SQLite's synchronous=FULL
 
 The push is one DCMTK storescu association (`+sd FOLDER`); DCMTK and Orthanc run with
 TCP_NODELAY=1 (Debian's DCMTK leaves Nagle on). Every receiver must end up with every instance
 (files, Orthanc's /statistics, the listener's `instances` rows), or the benchmark fails.
 Then the listener's RSS is sampled every 50 ms while it receives a ~1 GB study.
 
-    .venv/bin/python bench/ingest.py [--repeats 3] [--rss-slices 2000] [--cache DIR]
+    .venv/bin/python bench/ingest.py [--repeats 3] [--rss-slices 2000] [--cache DIR] [--no-postgres]
 """
 
 from __future__ import annotations
@@ -25,7 +31,6 @@ import argparse
 import json
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -43,8 +48,11 @@ from common import (CACHE, DataSet, Failed, cached, copy_files, count_files, dat
                     make_small, measure, print_end, print_load, push_storescu, require, stop_process, table)
 from dicom_factory import make_series  # noqa: E402
 from peers import DCMTK_ENV, free_port, require_tool, wait_port  # noqa: E402
+from postgres import PostgresServer, PostgresUnavailable, query  # noqa: E402
 
 LISTENER_AE = "RADDEPLOY"
+#: The listener with its index on PostgreSQL, RADDEPLOY_FSYNC=never and =always.
+PG, PG_FSYNC = "listener (PostgreSQL)", "listener fsync=always (PostgreSQL)"
 # Listener log lines that are expected here: Airflow is down on purpose, and wait_port's
 # probes connect and close before sending anything (no calling AE title yet: "?").
 EXPECTED_WARNINGS = ("Airflow unreachable", "association from ?@127.0.0.1 lost: peer closed the connection")
@@ -126,15 +134,17 @@ def recv_orthanc(data: DataSet, work: Path) -> tuple[float, str]:
 
 
 class Listener:
-    """``python -m listener`` on a fresh data dir, loopback port, Airflow down."""
+    """``python -m listener`` on a fresh data dir, loopback port, Airflow down; its index in the
+    data dir, or at ``index_url`` (an empty PostgreSQL schema)."""
 
-    def __init__(self, work: Path, flows: Path, fsync: str) -> None:
+    def __init__(self, work: Path, flows: Path, fsync: str, index_url: str | None = None) -> None:
         self.data = work / "data"
+        self.index = index_url or self.data / "index.sqlite3"
         self.port = free_port()
         self.log_path = work / "listener.log"
         env = {**os.environ, "RADDEPLOY_DATA": str(self.data), "RADDEPLOY_FLOWS": str(flows),
                "RADDEPLOY_LISTEN_HOST": "127.0.0.1", "RADDEPLOY_LISTEN_PORT": str(self.port),
-               "RADDEPLOY_AE_TITLE": LISTENER_AE, "RADDEPLOY_FSYNC": fsync,
+               "RADDEPLOY_AE_TITLE": LISTENER_AE, "RADDEPLOY_FSYNC": fsync, "RADDEPLOY_INDEX_URL": index_url or "",
                "RADDEPLOY_AIRFLOW_URL": f"http://127.0.0.1:{free_port()}"}  # nothing listens there
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "listener"], cwd=REPO, env=env,
@@ -168,12 +178,8 @@ class Listener:
 
     def counts(self) -> tuple[int, int, int]:
         """(rows in instances, rows in runs, files under studies/)."""
-        db = sqlite3.connect(f"file:{self.data / 'index.sqlite3'}?mode=ro", uri=True, timeout=30)
-        try:
-            instances = db.execute("SELECT COUNT(*) FROM instances").fetchone()[0]
-            runs = db.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
-        finally:
-            db.close()
+        [(instances,)] = query(self.index, "SELECT COUNT(*) FROM instances")
+        [(runs,)] = query(self.index, "SELECT COUNT(*) FROM runs")
         return instances, runs, count_files(self.data / "studies")
 
     def stop(self) -> None:
@@ -181,9 +187,11 @@ class Listener:
         self._log.close()
 
 
-def recv_listener(fsync: str, flows: Path) -> Callable[[DataSet, Path], tuple[float, str]]:
+def recv_listener(fsync: str, flows: Path, new_index_url: Callable[[], str] | None = None,
+                  ) -> Callable[[DataSet, Path], tuple[float, str]]:
+    """The listener's receive; ``new_index_url``: an empty PostgreSQL index for each push (else SQLite)."""
     def receive(data: DataSet, work: Path) -> tuple[float, str]:
-        listener = Listener(work, flows, fsync)
+        listener = Listener(work, flows, fsync, new_index_url() if new_index_url else None)
         try:
             try:
                 seconds = push_storescu(listener.port, data, LISTENER_AE)
@@ -267,6 +275,7 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=3000, help="number of small 64x64 instances")
     parser.add_argument("--rss-slices", type=int, default=2000, help="512x512 slices of the RSS study (0: skip)")
     parser.add_argument("--cache", type=Path, default=CACHE)
+    parser.add_argument("--no-postgres", action="store_true", help="skip the listener with its index on PostgreSQL")
     args = parser.parse_args()
     t_start = time.monotonic()
     load_start = os.getloadavg()[0]
@@ -287,10 +296,24 @@ def main() -> None:
         "listener": recv_listener("never", flows),
         "listener fsync=always": recv_listener("always", flows),
     }
+    postgres = None
+    if not args.no_postgres:
+        try:
+            postgres = PostgresServer.start(durable=True)
+        except PostgresUnavailable as exc:
+            raise SystemExit(f"FAILED: {exc}\n(or run with --no-postgres)") from None
+        pg_version = postgres.version
+        receivers[PG] = recv_listener("never", flows, postgres.new_index_url)
+        receivers[PG_FSYNC] = recv_listener("always", flows, postgres.new_index_url)
     results = {}
-    for data in sets:
-        print(f"\n{data.name}: {args.repeats} x {len(receivers)} receivers", flush=True)
-        results[data.name] = (data, measure(data, receivers, args.repeats, scratch / data.name.split()[0], width=21))
+    try:
+        for data in sets:
+            print(f"\n{data.name}: {args.repeats} x {len(receivers)} receivers", flush=True)
+            results[data.name] = (data, measure(data, receivers, args.repeats, scratch / data.name.split()[0],
+                                                width=34))
+    finally:
+        if postgres is not None:
+            postgres.stop()
     rss = None
     if big is not None:
         print(f"\nlistener RSS while receiving {big.name} ({big.nbytes / 1e9:.2f} GB), one push", flush=True)
@@ -301,6 +324,10 @@ def main() -> None:
     print("Receive throughput: DCMTK storescu (one association, TCP_NODELAY=1) -> receiver, loopback, "
           f"{os.cpu_count()} cores")
     print_load(load_start)
+    if postgres is not None:
+        print(f"{PG}: PostgreSQL {pg_version}, local, TCP loopback, its durable defaults (fsync, "
+              "synchronous_commit, full_page_writes on); with RADDEPLOY_FSYNC=never the listener's session "
+              "has synchronous_commit off")
     meds = {}
     for name, (data, times) in results.items():
         meds[name] = (data, table(data, times, "receiver", ("storescp", "copy")))
@@ -324,6 +351,12 @@ def main() -> None:
         ok = ratio >= target and med["listener"] < med["orthanc"]
         verdicts.append(f"{data.name}: listener {ratio:.2f}x storescp (target {target}x), "
                         f"{med['orthanc'] / med['listener']:.2f}x Orthanc: {'met' if ok else 'NOT met'}")
+    if postgres is not None:
+        for data, med in ((ct, ct_med), (small, small_med)):
+            verdicts.append(f"{data.name}, index on PostgreSQL: listener {med['storescp'] / med[PG]:.2f}x storescp "
+                            f"(SQLite: {med['storescp'] / med['listener']:.2f}x); fsync=always "
+                            f"{med['storescp'] / med[PG_FSYNC]:.2f}x (SQLite: "
+                            f"{med['storescp'] / med['listener fsync=always']:.2f}x)")
     if rss is not None:
         peak = max(rss[1], rss[2])
         verdicts.append(f"RSS receiving {big.nbytes / 1e9:.2f} GB: peak {peak:.0f} MB "

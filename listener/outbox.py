@@ -59,6 +59,7 @@ class OutboxDelivery:
             self._wake.clear()
             try:
                 self.deliver_pending()
+                due = self.index.next_trigger_due()  # in the try: an index briefly unreachable must not end it
             except AirflowUnavailable as exc:
                 log.warning("Airflow unreachable (%s); triggers stay in the outbox, retry in %.0f s",
                             exc, backoff)
@@ -71,7 +72,6 @@ class OutboxDelivery:
                 backoff = min(backoff * 2, self.max_backoff)
                 continue
             backoff = 0.5
-            due = self.index.next_trigger_due()
             wait = 5.0 if due is None else min(5.0, max(0.0, due - time.time()))
             self._wake.wait(timeout=wait)
 

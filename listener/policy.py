@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 from struct import error as struct_error
@@ -30,7 +29,7 @@ from raddeploy_provider.dicom.dimse import (
     USER_NO_REASON,
     Status,
 )
-from raddeploy_provider.store import StoreError
+from raddeploy_provider.store import IndexUnavailable, StoreError
 from raddeploy_provider.store.errors import OtherPatient
 
 #: What to check when the data dir cannot be written (said by every log line about it).
@@ -123,8 +122,8 @@ def data_set_mismatch(sop_class: str, sop_instance: str, request_class: str, req
 #: What the study store raises for an instance it cannot understand (pydicom's, its own, a
 #: truncated or malformed header; RecursionError: pydicom on sequences nested too deep).
 BAD_DATA = (InvalidDicomError, StoreError, ValueError, EOFError, struct_error, RecursionError)
-#: What it raises when it cannot write now: the disk (OSError) or the index (full or locked).
-NO_RESOURCES = (OSError, sqlite3.OperationalError)
+#: What it raises when it cannot write now: the disk (OSError) or the index (full, locked, unreachable).
+NO_RESOURCES = (OSError, IndexUnavailable)
 
 
 @dataclass(frozen=True)

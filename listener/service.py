@@ -37,7 +37,7 @@ class Listener:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.store = StudyStore(settings.data_dir, fsync=settings.fsync)
+        self.store = StudyStore(settings.data_dir, fsync=settings.fsync, index_url=settings.index_url)
         self.flows = FlowRegistry(settings.flows_dir)
         self.client = AirflowClient(settings.airflow_url, settings.airflow_user, settings.airflow_password)
         self.outbox = OutboxDelivery(self.store.index, self.client, give_up_after=settings.outbox_give_up)
@@ -69,7 +69,7 @@ class Listener:
         try:
             self.store.index.association_ended(sender.association)
         finally:
-            self.store.index.close()
+            self.store.index.release()
 
     def handle_store(self, path: Path, sender: Sender, head: bytes, request: StoreRequest | None = None) -> int:
         """A received file (consumed either way): into the store, runs opened, the DIMSE status for the sender.
@@ -110,6 +110,7 @@ class Listener:
             self.outbox.wake()
 
     def start(self) -> None:
+        log.info("study index: %s", self.store.index.where)
         self._clear_incoming()
         self.store.index.clear_receiving()
         self.flows.current()
@@ -122,6 +123,7 @@ class Listener:
         self.outbox.stop()
         self._stopping.set()
         self._hasher.join(timeout=10)
+        self.store.index.close()
 
     def _hash_when_idle(self) -> None:
         """Record the files' sha256 while no association is sending (or every 30 s at least):

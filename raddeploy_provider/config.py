@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from raddeploy_provider.gpu import default_lock_dir
+from raddeploy_provider.store.index import POSTGRES_SCHEMES
 from raddeploy_provider.store.layout import DataDir
 from raddeploy_provider.units import parse_duration, parse_size
 
@@ -42,6 +43,9 @@ class Settings:
     gpu_pool: str
     gpu_queue: str
     fsync: bool
+    # The study index on PostgreSQL (a postgresql:// URL, with its password: never in a repr);
+    # None: SQLite in the data dir (DataDir.index).
+    index_url: str | None = field(repr=False)
     check_called_ae: bool
     allowed_calling_aets: tuple[str, ...]
     allowed_networks: tuple[str, ...]
@@ -104,6 +108,14 @@ def _path(name: str) -> Path | None:
     return Path(text).absolute() if text else None
 
 
+def _index_url() -> str | None:
+    text = _env("INDEX_URL", "").strip()
+    if text and not text.startswith(POSTGRES_SCHEMES):  # the value itself may hold a password: not said
+        raise ValueError(f"{PREFIX}INDEX_URL must be postgresql://user:password@host:port/database, "
+                         "or empty for the SQLite index in the data dir")
+    return text or None
+
+
 def load_settings() -> Settings:
     """Read the settings now (not at import, so tests and `raddeploy run` can set them)."""
     data_dir = Path(_env("DATA", str(Path.cwd() / ".raddeploy" / "data"))).absolute()
@@ -120,6 +132,7 @@ def load_settings() -> Settings:
         gpu_pool=_env("GPU_POOL", "raddeploy_gpu"),
         gpu_queue=_env("GPU_QUEUE", "gpu"),
         fsync=_choice("FSYNC", "never", ("always", "never")) == "always",
+        index_url=_index_url(),
         check_called_ae=_choice("CHECK_CALLED_AE", "true", ("true", "false")) == "true",
         allowed_calling_aets=_list("ALLOWED_CALLING_AETS"),
         allowed_networks=_list("ALLOWED_NETWORKS"),

@@ -128,6 +128,11 @@ class ComposeStack:
     def logs(self, service: str = "", tail: int = 60) -> str:
         return self.compose("logs", "--no-color", "--tail", str(tail), *([service] if service else []), check=False).stdout
 
+    def psql(self, database: str, sql: str) -> str:
+        """One query in the stack's PostgreSQL (as Airflow's superuser), its rows as text."""
+        return self.compose("exec", "-T", "-e", f"PGPASSWORD={self.env('POSTGRES_PASSWORD')}", "postgres", "psql",
+                            "-h", "127.0.0.1", "-U", "airflow", "-d", database, "-tAc", sql).stdout.strip()
+
     def stats(self) -> str:
         """``docker stats`` of the stack's containers now: CPU and memory per service (docs/production.md)."""
         ids = self.compose("ps", "-q").stdout.split()

@@ -1,14 +1,16 @@
-"""Shared fixtures: DCMTK peers, the Docker engine and the test images."""
+"""Shared fixtures: DCMTK peers, the Docker engine and the test images, the index's backends."""
 
 from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
 from orthanc import Orthanc
 from peers import StoreSCP, require_tool
+from postgres import PostgresServer, PostgresUnavailable
 
 
 @pytest.fixture
@@ -44,3 +46,36 @@ def orthanc(tmp_path: Path):
     peer = Orthanc(tmp_path / "orthanc")
     yield peer
     peer.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server for the session (tests/postgres.py), started when a test first needs it."""
+    try:
+        server = PostgresServer.start()
+    except PostgresUnavailable as exc:
+        pytest.fail(str(exc))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def index_backend(request) -> str:
+    """The backend of the study index; a test that uses it runs on both (``[sqlite]``,
+    ``[postgresql]``). ``@pytest.mark.parametrize("index_backend", ["sqlite"])`` keeps one to SQLite."""
+    return request.param
+
+
+@pytest.fixture
+def new_index_url(index_backend: str, request) -> Callable[[], str | None]:
+    """Makes a fresh, empty index on the test's backend: its RADDEPLOY_INDEX_URL (a schema of its
+    own on the session's server), or None: SQLite in the data dir."""
+    if index_backend == "sqlite":
+        return lambda: None
+    return request.getfixturevalue("postgres").new_index_url
+
+
+@pytest.fixture
+def index_url(new_index_url: Callable[[], str | None]) -> str | None:
+    """One fresh index on the test's backend (see ``new_index_url``)."""
+    return new_index_url()

@@ -37,8 +37,11 @@ def flow(tmp_path: Path):
 
 
 @pytest.fixture
-def index(tmp_path: Path) -> StudyIndex:
-    return StudyIndex(tmp_path / "index.sqlite3")
+def index(tmp_path: Path, index_url: str | None) -> StudyIndex:
+    """On the test's backend (conftest's ``index_backend``: both)."""
+    index = StudyIndex(index_url or tmp_path / "index.sqlite3")
+    yield index
+    index.close()
 
 
 def test_nothing_received(flow, index):

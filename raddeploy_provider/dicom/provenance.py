@@ -71,7 +71,7 @@ def stamp(path: Path, provenance: Provenance) -> bool:
     tmp = path.with_name(f".{path.name}.provenance.tmp")
     try:
         ds.save_as(tmp, enforce_file_format=True)
-        os.chmod(tmp, os.stat(path).st_mode & 0o777)
+        os.chmod(tmp, os.stat(path).st_mode & 0o770)  # the model's bits, none for other users (README "Security")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -51,7 +51,8 @@ class FingerprintSensor(BaseSensorOperator):
     @cached_property
     def store(self) -> StudyStore:
         """Opened once per task run, on the worker (never at DAG parse)."""
-        return StudyStore(load_settings().data_dir)
+        settings = load_settings()
+        return StudyStore(settings.data_dir, index_url=settings.index_url)
 
     def execute(self, context: Context) -> dict[str, Any]:
         uid = study_uid(context)

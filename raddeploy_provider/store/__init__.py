@@ -3,7 +3,7 @@
 No Airflow import here: the listener and the sensor share it.
 """
 
-from .errors import InvalidUID, StoreError
+from .errors import IndexUnavailable, InvalidUID, StoreError
 from .header import InstanceHeader, read_header
 from .index import NEVER, RunRef, StoredInstance, StudyIndex, run_id_for
 from .layout import SOURCE_MOUNT, DataDir, RunDir
@@ -11,6 +11,7 @@ from .snapshot import snapshot
 from .study_store import IngestResult, StudyStore
 
 __all__ = [
-    "InvalidUID", "StoreError", "InstanceHeader", "read_header", "NEVER", "RunRef", "StoredInstance",
-    "StudyIndex", "run_id_for", "SOURCE_MOUNT", "DataDir", "RunDir", "snapshot", "IngestResult", "StudyStore",
+    "IndexUnavailable", "InvalidUID", "StoreError", "InstanceHeader", "read_header", "NEVER", "RunRef",
+    "StoredInstance", "StudyIndex", "run_id_for", "SOURCE_MOUNT", "DataDir", "RunDir", "snapshot", "IngestResult",
+    "StudyStore",
 ]

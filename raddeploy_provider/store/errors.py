@@ -22,3 +22,10 @@ class OtherPatient(StoreError):
                          "Instance UID, and send it again)")
         self.study_uid = study_uid
         self.sop_uid = sop_uid
+
+
+class IndexUnavailable(Exception):
+    """The study index cannot do it now: SQLite locked or its disk full, PostgreSQL unreachable,
+    out of connections or refusing. Nothing was committed; the same call may succeed later (the
+    listener answers "out of resources", so the sender keeps the instance and sends it again).
+    The message names the index (never its password) and the backend's reason."""

@@ -118,7 +118,8 @@ class DataDir:
     studies = Entry("studies", "``<Study>/<Series>/<SOP>.dcm``: every instance as received.")
     runs = Entry("runs", "``<dag_id>/<run_id>/``: the run folders (:class:`RunDir`).")
     incoming = Entry("incoming", "Files being received; same file system as ``studies``, so rename is atomic.")
-    index = Entry("index.sqlite3", "The study index, run register and outbox (:mod:`.index`).")
+    index = Entry("index.sqlite3", "The study index, run register and outbox (:mod:`.index`); "
+                  "not used when RADDEPLOY_INDEX_URL puts them on PostgreSQL.")
     flow_ids = Entry("flow-ids.json", "The DAG-id cache of the flows folder (``flows.id_cache``).")
 
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:

@@ -15,13 +15,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping
 
+from .errors import IndexUnavailable
 from .header import InstanceHeader, read_header
 from .index import AddResult, RunRef, StoredInstance, StudyIndex
 from .layout import DataDir, version_of, versioned
@@ -65,7 +65,8 @@ def dataset_sha256(path: Path) -> str | None:
 
 
 class StudyStore:
-    """Files under ``root/studies`` and the index at ``root/index.sqlite3``.
+    """Files under ``root/studies`` and their index: ``root/index.sqlite3``, or the PostgreSQL
+    database of ``index_url`` (``RADDEPLOY_INDEX_URL``; for several hosts, see :mod:`.index`).
 
     ``fsync``: when True, each file and each index commit reaches the disk before
     :meth:`ingest` returns (the sender's success then survives a power cut, at a few ms
@@ -73,10 +74,10 @@ class StudyStore:
     kill of the listener, not of the machine). README's "Durability" section has numbers.
     """
 
-    def __init__(self, root: Path, fsync: bool = False) -> None:
+    def __init__(self, root: Path, fsync: bool = False, index_url: str | None = None) -> None:
         self.layout = DataDir(Path(root))
         self.layout.create()
-        self.index = StudyIndex(self.layout.index, durable=fsync)
+        self.index = StudyIndex(index_url or self.layout.index, durable=fsync)
         self.fsync = fsync
         self._made_dirs: set[Path] = set()
         # One lock per SOP Instance UID stripe: two associations sending the same instance
@@ -133,8 +134,8 @@ class StudyStore:
             record = replace(record, path=self._relative(target), sha256=sha)
             replaces = known.path
         # Only another process writing the index gets here (this one holds the SOP instance's lock):
-        # "locked", as SQLite says, so the sender tries again later.
-        raise sqlite3.OperationalError(f"instance {header.sop_uid} kept changing while it was indexed")
+        # the index is busy, so the sender tries again later.
+        raise IndexUnavailable(f"instance {header.sop_uid} kept changing while it was indexed")
 
     def _add(self, record: StoredInstance, flows: Mapping[str, float], association: str, temp_path: Path,
              target: Path, replaces: str | None) -> AddResult:

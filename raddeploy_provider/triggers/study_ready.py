@@ -1,13 +1,14 @@
 """StudyReadyTrigger: waits on the triggerer until a study is complete for a flow.
 
 No worker slot is held while a study trickles in. The check itself (:mod:`raddeploy_provider
-.completion`) reads the SQLite index, so it runs in a thread; the trigger says what it waits
-for in the log when that changes, and keeps the run note current.
+.completion`) reads the index, so it runs in a thread; the trigger says what it waits for in
+the log when that changes, and keeps the run note current.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -15,12 +16,28 @@ from typing import Any, AsyncIterator
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from raddeploy_provider.completion import readiness
+from raddeploy_provider.config import load_settings
 from raddeploy_provider.flows import FlowError, load_flow
 from raddeploy_provider.utils.run_note import set_run_note
 from raddeploy_provider.store import DataDir, StudyIndex
 
 #: Log a still-waiting line at least this often, even when nothing changed.
 REMIND_EVERY = 60.0
+
+_indexes: dict[str, StudyIndex] = {}
+_indexes_lock = threading.Lock()
+
+
+def triggerer_index(data_dir: str) -> StudyIndex:
+    """The index, one per triggerer process (its triggers share it: a PostgreSQL pool per
+    trigger would take hundreds of connections). ``RADDEPLOY_INDEX_URL`` is read here, in the
+    triggerer's own settings: never a trigger kwarg, which Airflow stores in its database, and
+    the URL holds a password. Without it, the SQLite file in ``data_dir``."""
+    target = load_settings().index_url or str(DataDir(Path(data_dir)).index)
+    with _indexes_lock:
+        if target not in _indexes:
+            _indexes[target] = StudyIndex(target)
+        return _indexes[target]
 
 
 class StudyReadyTrigger(BaseTrigger):
@@ -30,7 +47,7 @@ class StudyReadyTrigger(BaseTrigger):
     :param dag_id: the flow's DAG id.
     :param run_id: the run waiting.
     :param study_uid: the study it waits for.
-    :param data_dir: the data dir holding the index.
+    :param data_dir: the data dir (its SQLite index, unless ``RADDEPLOY_INDEX_URL`` names one).
     :param deadline: epoch seconds when ``grouping.timeout`` is reached.
     :param poll_interval: seconds between checks.
     """
@@ -59,7 +76,7 @@ class StudyReadyTrigger(BaseTrigger):
         except (FlowError, OSError) as exc:
             yield TriggerEvent({"status": "error", "message": f"the flow file no longer loads: {exc}"})
             return
-        index = StudyIndex(DataDir(Path(self.data_dir)).index)
+        index = await asyncio.to_thread(triggerer_index, self.data_dir)
         said, said_at = None, 0.0
         while True:
             state = await asyncio.to_thread(readiness, flow, index, self.study_uid)

@@ -77,7 +77,9 @@ destinations:
   - {{host: {host}, port: {port}, ae_title: {ae}}}
 """
 
-SERVICES = ["postgres", "redis", "api-server", "scheduler", "worker-cpu", "worker-gpu", "worker-gpu-2", "listener"]
+# Waited for before the tests push. The workers' own health check (celery ping, every 60 s) is
+# not: a task queued before a worker is ready waits in Redis, and the tests see it run.
+SERVICES = ["postgres", "redis", "api-server", "scheduler", "listener"]
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +178,10 @@ def test_ct_pushed_to_published_port_is_delivered(compose, airflow, destination,
     run = run_finished(airflow, "compose_ct", f"{series.study_uid}.1", timeout=120)
     assert run["state"] == "success"
     assert run["conf"] == {"study_uid": series.study_uid, "generation": 1}
+    # The study index is PostgreSQL's, not a SQLite file on the shared data dir.
+    assert compose.psql("raddeploy", f"SELECT count(*) FROM instances WHERE study_uid = '{series.study_uid}'") == "4"
+    assert compose.psql("raddeploy", f"SELECT state FROM runs WHERE run_id = '{run['dag_run_id']}'") == "closing"
+    assert not (compose.data_dir / "index.sqlite3").exists()
     tis = task_instances(airflow, "compose_ct", run["dag_run_id"])
     model = next(ti for ti in tis.values() if ti["task_id"].endswith("threshold"))
     assert model["hostname"] == "worker-cpu"  # a CPU model runs on the CPU worker's queue
@@ -245,18 +251,28 @@ def test_directory_accounts_sign_in_with_their_groups_roles(compose, airflow):
 
 
 def test_data_dir_holds_nothing_for_other_users(compose):
-    """After the runs above: the permission scheme (docs/production.md "Permissions") held."""
+    """After the runs above: the permission scheme (docs/production.md "Permissions") held.
+
+    Other users cannot enter the data dir at all (2750); inside it, everything the services
+    wrote is in the data dir's group with no bits for others. A model (uid 1000 here) writes its
+    files with its own image's umask: they are reachable only through the folders above them.
+    """
     top = compose.data_dir.stat()
     assert (top.st_uid, top.st_gid) == (50000, 50000) and top.st_mode & 0o7777 == 0o2750
-    seen = 0
+    ours = models = 0
     for path in compose.data_dir.rglob("*"):
         info = path.lstat()
         if path.is_symlink():
             continue
-        seen += 1
-        assert info.st_mode & 0o007 == 0, f"{path} is open to other users ({oct(info.st_mode & 0o777)})"
-        assert info.st_gid == 50000, f"{path} is not in the data dir's group"
-    assert seen > 20  # studies, runs, outputs of the tests above
+        assert info.st_mode & 0o002 == 0, f"{path} is writable by other users ({oct(info.st_mode & 0o777)})"
+        if info.st_uid == 50000:
+            ours += 1
+            assert info.st_mode & 0o007 == 0, f"{path} is open to other users ({oct(info.st_mode & 0o777)})"
+            assert info.st_gid == 50000, f"{path} is not in the data dir's group"
+        else:
+            assert info.st_uid == 1000, f"{path} belongs to uid {info.st_uid}"  # the models' user
+            models += 1
+    assert ours > 20, (ours, models)  # studies, runs, sent results (provenance rewrites them as ours)
 
 
 def test_placeholder_secrets_are_refused(images, tmp_path):

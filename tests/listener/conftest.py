@@ -1,4 +1,5 @@
-"""The listener as a real process (``python -m listener``), started per test with extra settings."""
+"""The listener as a real process (``python -m listener``), started per test with extra settings,
+its index on each backend (conftest's ``index_backend``: SQLite, PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ class RunningListener:
     log: Path
     proc: subprocess.Popen
     env: dict[str, str] = field(repr=False, default_factory=dict)
+    index: Path | str = ""  # its index: the SQLite file, or the PostgreSQL URL (for postgres.query)
 
     def __getitem__(self, key: str):  # the dict-style access test_listener_dcmtk.py uses
         return getattr(self, key)
@@ -63,14 +65,17 @@ class RunningListener:
 
 
 @pytest.fixture
-def start_listener(tmp_path: Path):
+def start_listener(tmp_path: Path, new_index_url):
     """``start_listener(name="listener", data=None, **env)``: a listener with RADDEPLOY_<KEY>=value extra settings.
 
     Each call gets its own port and, unless ``data`` is given, its own data dir
-    ``tmp_path/<name>/data``; ``wait=False`` returns without waiting for the port (for
-    settings the listener refuses at start). All are stopped at teardown.
+    ``tmp_path/<name>/data``, with an index of its own on the test's backend (one data dir,
+    one index: a listener started again on the same data dir finds its index);
+    ``wait=False`` returns without waiting for the port (for settings the listener refuses
+    at start). All are stopped at teardown.
     """
     started: list[RunningListener] = []
+    index_urls: dict[Path, str | None] = {}
     flows = tmp_path / "flows"
     flows.mkdir(exist_ok=True)
     (flows / "listener_test.yaml").write_text(FLOW)
@@ -84,12 +89,15 @@ def start_listener(tmp_path: Path):
         env = {**os.environ, "RADDEPLOY_DATA": str(data), "RADDEPLOY_FLOWS": str(flows),
                "RADDEPLOY_LISTEN_PORT": str(port), "RADDEPLOY_LISTEN_HOST": "127.0.0.1",
                "RADDEPLOY_AIRFLOW_URL": f"http://127.0.0.1:{dead_airflow}", "RADDEPLOY_AIRFLOW_PASSWORD": "x"}
+        if data not in index_urls:
+            index_urls[data] = new_index_url()
+        env["RADDEPLOY_INDEX_URL"] = index_urls[data] or ""  # empty: SQLite in the data dir
         env.update({f"RADDEPLOY_{key.upper()}": str(value) for key, value in settings.items()})
         log_path = home / "listener.log"
         with open(log_path, "ab") as log:
             proc = subprocess.Popen([sys.executable, "-m", "listener"], env=env, cwd=REPO, stdout=log,
                                     stderr=subprocess.STDOUT)
-        running = RunningListener(port, data, log_path, proc, env)
+        running = RunningListener(port, data, log_path, proc, env, index_urls[data] or data / "index.sqlite3")
         started.append(running)
         if wait:
             try:

@@ -5,13 +5,14 @@ The ``listener`` fixture (conftest.py) starts ``python -m listener`` with Airflo
 
 from __future__ import annotations
 
-import sqlite3
+import json
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from peers import DCMTK_ENV, partial_files, require_tool, storescu
+from postgres import query
 from dicom_factory import make_series
 
 pytestmark = pytest.mark.integration
@@ -49,22 +50,22 @@ def test_storescu_push_is_stored_indexed_and_queued(listener, tmp_path):
         assert dataset_bytes(target) == dataset_bytes(source), f"{source.name} not stored byte-identical"
     assert partial_files(listener["data"] / "incoming") == []
 
-    db = sqlite3.connect(listener["data"] / "index.sqlite3")
-    rows = db.execute("SELECT series_uid, json_extract(tags, '$.Modality'), calling_ae, size FROM instances").fetchall()
-    assert sorted({(r[0], r[1]) for r in rows}) == sorted({(series.series_uid, "CT"), (mr.series_uid, "MR")})
+    rows = query(listener.index, "SELECT series_uid, tags, calling_ae, size FROM instances")
+    assert sorted({(r[0], json.loads(r[1])["Modality"]) for r in rows}) == sorted({(series.series_uid, "CT"),
+                                                                                   (mr.series_uid, "MR")})
     assert all(r[2] == "STORESCU" and r[3] > 0 for r in rows)
     assert len(rows) == 7
     # One run for the one matching flow; Airflow is down, so its trigger waits in the outbox.
-    runs = db.execute("SELECT dag_id, run_id, state FROM runs").fetchall()
+    runs = query(listener.index, "SELECT dag_id, run_id, state FROM runs")
     assert runs == [("listener_test", f"{series.study_uid}.1", "open")]
-    outbox = db.execute("SELECT run_id, delivered_at FROM outbox").fetchall()
+    outbox = query(listener.index, "SELECT run_id, delivered_at FROM outbox")
     assert outbox == [(f"{series.study_uid}.1", None)]
 
     # The same study again: stored once, no new run, no new trigger.
     again = storescu(listener["port"], series.files)
     assert again.returncode == 0, again.stderr
-    assert db.execute("SELECT COUNT(*) FROM instances").fetchone()[0] == 7
-    assert db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 1
+    assert query(listener.index, "SELECT COUNT(*) FROM instances") == [(7,)]
+    assert query(listener.index, "SELECT COUNT(*) FROM outbox") == [(1,)]
     assert len(sorted(study_dir.rglob("*.dcm"))) == 7
     assert listener["proc"].poll() is None
 

@@ -14,7 +14,6 @@ import os
 import random
 import select
 import socket
-import sqlite3
 import ssl
 import struct
 import subprocess
@@ -38,6 +37,7 @@ from pydicom.uid import (
 from pynetdicom.presentation import build_context
 
 from peers import DCMTK_ENV, make_certificates, partial_files, require_tool, tmpfs
+from postgres import query
 from raddeploy_provider.dicom import dimse
 
 pytestmark = pytest.mark.integration
@@ -232,11 +232,7 @@ def wait_log(listener, text: str, at_least: int = 1, timeout: float = 10.0) -> l
 
 
 def index_rows(listener) -> list[str]:
-    db = sqlite3.connect(listener.data / "index.sqlite3")
-    try:
-        return [row[0] for row in db.execute("SELECT sop_uid FROM instances")]
-    finally:
-        db.close()
+    return [row[0] for row in query(listener.index, "SELECT sop_uid FROM instances")]
 
 
 def stored_files(listener) -> list[Path]:

@@ -12,8 +12,8 @@ file's File Meta group goes on the wire as it is in the file, however broken.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
-import sqlite3
 import ssl
 import struct
 import subprocess
@@ -41,6 +41,7 @@ from pynetdicom.pdu_primitives import MaximumLengthNotification
 
 from dicom_factory import make_series
 from peers import DCMTK_ENV, make_certificates, partial_files, require_tool, storescu, tmpfs
+from postgres import query
 
 pytestmark = pytest.mark.integration
 
@@ -161,12 +162,8 @@ def study_files(listener) -> list[Path]:
     return sorted(p for p in (listener.data / "studies").rglob("*") if p.is_file())
 
 
-def index_rows(listener, columns: str = "sop_uid", where: str = "1") -> list[tuple]:
-    db = sqlite3.connect(listener.data / "index.sqlite3")
-    try:
-        return db.execute(f"SELECT {columns} FROM instances WHERE {where} ORDER BY received_at").fetchall()
-    finally:
-        db.close()
+def index_rows(listener, columns: str = "sop_uid", where: str = "TRUE") -> list[tuple]:
+    return query(listener.index, f"SELECT {columns} FROM instances WHERE {where} ORDER BY received_at")
 
 
 def assert_clean_and_alive(listener) -> None:
@@ -455,12 +452,9 @@ def test_huge_elements_stream_to_disk(listener, tmp_path, chunked):
         assert stored.stat().st_size - _dataset_offset(stored.read_bytes()[:144]) == \
             source.stat().st_size - _dataset_offset(source.read_bytes()[:144])
         assert dataset_sha256(stored) == dataset_sha256(source)
-    db = sqlite3.connect(listener.data / "index.sqlite3")
-    tags = dict(db.execute("SELECT sop_uid, json_extract(tags, '$.PatientID') FROM instances"))
-    assert tags == {ob.SOPInstanceUID: "HUGE1", ut.SOPInstanceUID: "HUGE1"}
-    assert db.execute("SELECT COUNT(*) FROM instances WHERE json_extract(tags, '$.TextValue') IS NOT NULL"
-                      ).fetchone()[0] == 0  # far too long to index
-    db.close()
+    tags = {sop: json.loads(text) for sop, text in index_rows(listener, "sop_uid, tags")}
+    assert {sop: t["PatientID"] for sop, t in tags.items()} == {ob.SOPInstanceUID: "HUGE1", ut.SOPInstanceUID: "HUGE1"}
+    assert not any("TextValue" in t for t in tags.values())  # far too long to index
     assert_clean_and_alive(listener)
 
 
@@ -528,26 +522,57 @@ def test_full_disk_answers_out_of_resources(tiny_disk, start_listener, tmp_path,
         assert "No space left on device" in listener.log_text()
         (stored,) = study_files(listener)
         assert len(index_rows(listener)) == 1
-
-        # Room for the file but not for its index row: out of resources too, and no file without a row.
-        need = _dataset_offset(stored.read_bytes()[:144]) + len(dataset_bytes(mr[1])) + 64
-        filler = tiny_disk / "filler"
-        with open(filler, "wb") as fh:  # written, not truncated: tmpfs counts only written pages
-            fh.write(bytes(shutil.disk_usage(tiny_disk).free - -(-need // 4096) * 4096))
-        pushed = storescu(listener.port, [mr[1]], extra=("-v",))
-        assert storescu_status_lines(pushed) == ["I: Received Store Response (Refused: OutOfResources)"], \
-            pushed.stdout + pushed.stderr
-        assert log_lines(listener, "database or disk is full"), listener.log_text()[-3000:]
-        assert study_files(listener) == [stored] and len(index_rows(listener)) == 1
-        assert partial_files(listener.data / "incoming") == []
-        filler.unlink()  # space again: the sender's retry is stored
-        pushed = storescu(listener.port, [mr[1]], extra=("-v",))
-        assert storescu_status_lines(pushed) == ["I: Received Store Response (Success)"]
-        assert len(study_files(listener)) == 2 and len(index_rows(listener)) == 2
+        if isinstance(listener.index, Path):  # SQLite: its file is on this disk too (PostgreSQL's is not)
+            no_room_for_the_index_row(listener, tiny_disk, stored, mr[1])
         assert_clean_and_alive(listener)
     finally:
         listener.stop()  # before the tmpfs goes
 
+
+def no_room_for_the_index_row(listener, disk: Path, stored: Path, instance: Path) -> None:
+    """Room for the file but not for its index row: out of resources too, and no file without a row."""
+    need = _dataset_offset(stored.read_bytes()[:144]) + len(dataset_bytes(instance)) + 64
+    filler = disk / "filler"
+    with open(filler, "wb") as fh:  # written, not truncated: tmpfs counts only written pages
+        fh.write(bytes(shutil.disk_usage(disk).free - -(-need // 4096) * 4096))
+    pushed = storescu(listener.port, [instance], extra=("-v",))
+    assert storescu_status_lines(pushed) == ["I: Received Store Response (Refused: OutOfResources)"], \
+        pushed.stdout + pushed.stderr
+    assert log_lines(listener, "database or disk is full"), listener.log_text()[-3000:]
+    assert study_files(listener) == [stored] and len(index_rows(listener)) == 1
+    assert partial_files(listener.data / "incoming") == []
+    filler.unlink()  # space again: the sender's retry is stored
+    pushed = storescu(listener.port, [instance], extra=("-v",))
+    assert storescu_status_lines(pushed) == ["I: Received Store Response (Success)"]
+    assert len(study_files(listener)) == 2 and len(index_rows(listener)) == 2
+
+
+
+@pytest.mark.parametrize("index_backend", ["postgresql"])
+def test_an_index_server_that_drops_its_connections_answers_out_of_resources(start_listener, postgres, tmp_path):
+    """PostgreSQL's counterpart of a full disk for the index: the server cuts the listener's
+    connections (a restart, a failover). The next instances are answered out of resources (the
+    sender keeps them) until the pool has reconnected, none is stored without its row, and the
+    listener, its outbox included, goes on."""
+    listener = start_listener()
+    series = make_series(tmp_path / "ct", slices=3)
+    scu = Scu(listener.port)
+    try:
+        assert scu.store(series.files[0]) == SUCCESS
+        postgres.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                         "WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'")
+        statuses = [scu.store(series.files[1])]
+        while statuses[-1] != SUCCESS and len(statuses) < 10:  # the sender's retries
+            statuses.append(scu.store(series.files[1]))
+        assert statuses[0] == OUT_OF_RESOURCES and statuses[-1] == SUCCESS, statuses
+        assert scu.store(series.files[2]) == SUCCESS
+    finally:
+        scu.close()
+    [line, *_] = log_lines(listener, "cannot store an instance")
+    assert "PostgreSQL database" in line and "index-test-secret" not in listener.log_text()
+    assert len(index_rows(listener)) == 3 and len(study_files(listener)) == 3
+    assert query(listener.index, "SELECT COUNT(*) FROM runs") == [(1,)]
+    assert_clean_and_alive(listener)
 
 # -- 7. free-disk watermark ------------------------------------------------------------------
 

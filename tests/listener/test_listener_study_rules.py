@@ -8,8 +8,8 @@ is down, so its runs wait in the outbox, where these tests read them.
 
 from __future__ import annotations
 
+import json
 import logging
-import sqlite3
 import warnings
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import pytest
 
 from dicom_factory import make_series
 from listener.policy import ingest_verdict
+from postgres import query
 from raddeploy_provider.dicom.dimse import Status
 from raddeploy_provider.store import StudyIndex, snapshot
 from raddeploy_provider.store.errors import OtherPatient
@@ -43,19 +44,11 @@ DAG = "listener_test"
 
 
 def runs(listener) -> list[tuple]:
-    db = sqlite3.connect(listener.data / "index.sqlite3")
-    try:
-        return db.execute("SELECT dag_id, run_id, generation, state FROM runs ORDER BY generation").fetchall()
-    finally:
-        db.close()
+    return query(listener.index, "SELECT dag_id, run_id, generation, state FROM runs ORDER BY generation")
 
 
 def triggers(listener) -> list[str]:
-    db = sqlite3.connect(listener.data / "index.sqlite3")
-    try:
-        return [r for (r,) in db.execute("SELECT run_id FROM outbox ORDER BY id")]
-    finally:
-        db.close()
+    return [r for (r,) in query(listener.index, "SELECT run_id FROM outbox ORDER BY id")]
 
 
 def rewrite(source: Path, dest: Path, **values) -> Path:
@@ -121,7 +114,7 @@ def test_corrected_resend_is_indexed_and_opens_the_next_generation(listener, tmp
     assert storescu_status_lines(pushed) == ["I: Received Store Response (Success)"], pushed.stderr
     [(sop, first_path)] = index_rows(listener, "sop_uid, path")
     first = listener.data / first_path
-    index = StudyIndex(listener.data / "index.sqlite3")
+    index = StudyIndex(listener.index)
     try:
         index.close_run(DAG, f"{series.study_uid}.1", series.study_uid)  # as the fingerprint sensor does
     finally:
@@ -132,8 +125,8 @@ def test_corrected_resend_is_indexed_and_opens_the_next_generation(listener, tmp
         pushed = storescu(listener.port, [fixed], extra=("-v",))
         assert storescu_status_lines(pushed) == ["I: Received Store Response (Success)"], pushed.stderr
 
-    [(sop_now, path, description)] = index_rows(listener, "sop_uid, path, json_extract(tags, '$.SeriesDescription')")
-    assert sop_now == sop and description == "Planning CT (corrected)"
+    [(sop_now, path, tags)] = index_rows(listener, "sop_uid, path, tags")
+    assert sop_now == sop and json.loads(tags)["SeriesDescription"] == "Planning CT (corrected)"
     assert Path(path).name == f"{sop}.v2.dcm" and Path(path).parent == Path(first_path).parent
     assert first.is_file() and pydicom.dcmread(first).SeriesDescription == "Planning CT"  # kept as it was
     assert study_files(listener) == sorted([first, listener.data / path])
@@ -155,7 +148,7 @@ def test_hostile_values_make_bounded_names_in_a_run_input(listener, tmp_path, ch
         assert [scu.store(long_modality), scu.store(dotted)] == [SUCCESS, SUCCESS]
     finally:
         scu.close()
-    index = StudyIndex(listener.data / "index.sqlite3")
+    index = StudyIndex(listener.index)
     try:
         instances = index.instances(series.study_uid)
     finally:

@@ -8,7 +8,6 @@ import ipaddress
 import logging
 import os
 import shutil
-import sqlite3
 import struct
 from io import BytesIO
 
@@ -18,7 +17,7 @@ from pydicom.errors import InvalidDicomError
 
 from listener.policy import AcceptPolicy, ingest_verdict
 from raddeploy_provider.dicom.dimse import APPLICATION_CONTEXT
-from raddeploy_provider.store import InvalidUID, StoreError
+from raddeploy_provider.store import IndexUnavailable, InvalidUID, StoreError
 
 AE = "RADDEPLOY"
 NETWORKS = tuple(ipaddress.ip_network(n) for n in ("10.0.0.0/8", "fe80::/10"))
@@ -101,8 +100,12 @@ OUTCOMES = {
     "truncated": (EOFError("unexpected end of file"), REFUSED),
     "truncated element": (struct.error("unpack requires a buffer of 8 bytes"), REFUSED),
     "disk full": (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), CANNOT_STORE),
-    "index full": (sqlite3.OperationalError("database or disk is full"), CANNOT_STORE),
-    "index locked": (sqlite3.OperationalError("database is locked"), CANNOT_STORE),
+    "index full": (IndexUnavailable("the study index (SQLite x) cannot be used now: database or disk is full"),
+                   CANNOT_STORE),
+    "index locked": (IndexUnavailable("the study index (SQLite x) cannot be used now: database is locked"),
+                     CANNOT_STORE),
+    "index unreachable": (IndexUnavailable("the study index (PostgreSQL database x on db:5432 as u) cannot be used "
+                                           "now: connection refused"), CANNOT_STORE),
     "unexpected": (RuntimeError("a bug"),
                    (0xC000, logging.ERROR, True, "unexpected error storing an instance from STORESCU@10.1.2.3: ")),
 }

@@ -40,10 +40,12 @@ models: [{{image: "m:1", inputs: {{src: /in}}, outputs: {{dst: /out}}}}]
 
 
 @pytest.fixture
-def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, index_url: str | None):
+    """A study store, and the settings the sensor and the trigger read (the index on each backend)."""
     monkeypatch.setenv("RADDEPLOY_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("RADDEPLOY_INDEX_URL", index_url or "")
     monkeypatch.delenv("RADDEPLOY_AIRFLOW_PASSWORD", raising=False)  # no run notes here
-    store = StudyStore(tmp_path / "data")
+    store = StudyStore(tmp_path / "data", index_url=index_url)
     ct = make_series(tmp_path / "ct", slices=2)
     mr = make_series(tmp_path / "mr", modality="MR", slices=1, study_uid=ct.study_uid)
 
@@ -144,6 +146,7 @@ def test_missing_trigger_defers_then_the_trigger_fires_when_it_arrives(world):
     assert isinstance(trigger, StudyReadyTrigger)
     path, kwargs = trigger.serialize()  # what the triggerer stores and rebuilds it from
     assert path == "raddeploy_provider.triggers.study_ready.StudyReadyTrigger"
+    assert "postgresql" not in json.dumps(kwargs)  # the index URL, its password in it, is the triggerer's own
     trigger = StudyReadyTrigger(**kwargs)
 
     world.push(world.mr, association="a1")  # arrives while the trigger waits; still sending

@@ -1,15 +1,16 @@
-"""The index: instances, run generations, the trigger outbox, and concurrent writers."""
+"""The index: instances, run generations, the trigger outbox, and concurrent writers, on both
+backends (SQLite, PostgreSQL: the ``index_backend`` fixture); the backends' own matters last."""
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from raddeploy_provider.store import NEVER, RunRef, StoredInstance, StudyIndex, run_id_for
+from postgres import query, run_sql
+from raddeploy_provider.store import NEVER, IndexUnavailable, RunRef, StoredInstance, StudyIndex, run_id_for
 
 STUDY = "1.2.826.0.1.1"
 OTHER_STUDY = "1.2.826.0.1.2"
@@ -25,8 +26,14 @@ def inst(n: int, study: str = STUDY, series: str = "1.2.3", **tags: object) -> S
 
 
 @pytest.fixture
-def index(tmp_path: Path) -> StudyIndex:
-    idx = StudyIndex(tmp_path / "data" / "index.sqlite3")
+def target(index_url: str | None, tmp_path: Path) -> Path | str:
+    """Where the test's index is: a fresh PostgreSQL schema, or an SQLite file."""
+    return index_url or tmp_path / "data" / "index.sqlite3"
+
+
+@pytest.fixture
+def index(target: Path | str) -> StudyIndex:
+    idx = StudyIndex(target)
     yield idx
     idx.close()
 
@@ -42,12 +49,11 @@ def test_rows_round_trip(index: StudyIndex) -> None:
     assert index.last_received(OTHER_STUDY) is None
 
 
-def test_reopening_the_database_keeps_everything(tmp_path: Path) -> None:
-    path = tmp_path / "index.sqlite3"
-    first = StudyIndex(path)
+def test_reopening_the_database_keeps_everything(target: Path | str) -> None:
+    first = StudyIndex(target)
     first.add(inst(1), {"flow": NEVER})
     first.close()
-    again = StudyIndex(path)  # the schema script runs again: must be harmless
+    again = StudyIndex(target)  # the schema script runs again: must be harmless
     assert [i.sop_uid for i in again.instances(STUDY)] == ["1.2.3.1"]
     assert again.runs() == [RunRef("flow", f"{STUDY}.1", STUDY, 1)]
     again.close()
@@ -147,9 +153,8 @@ def test_outbox(index: StudyIndex, tmp_path: Path) -> None:
     index.mark_delivered(first.id)
     assert [p.id for p in index.pending_triggers()] == [third.id]
 
-    with sqlite3.connect(index.path) as db:
-        rows = dict((r[0], r[1:]) for r in db.execute(
-            "SELECT id, attempts, last_error, delivered_at IS NOT NULL FROM outbox"))
+    rows = {r[0]: r[1:] for r in query(index.target, "SELECT id, attempts, last_error, delivered_at IS NOT NULL "
+                                                      "FROM outbox")}
     assert rows[first.id] == (3, "", 1)  # delivered clears the error
     assert rows[second.id] == (1, "", 1)
     assert rows[third.id] == (0, "", 0)
@@ -159,8 +164,7 @@ def test_failed_attempt_keeps_a_short_error(index: StudyIndex) -> None:
     index.add(inst(1), {"a": NEVER})
     [item] = index.pending_triggers()
     index.mark_failed_attempt(item.id, "x" * 2000)
-    with sqlite3.connect(index.path) as db:
-        [(error,)] = db.execute("SELECT last_error FROM outbox").fetchall()
+    [(error,)] = query(index.target, "SELECT last_error FROM outbox")
     assert error == "x" * 500
 
 
@@ -182,7 +186,7 @@ def test_concurrent_writers(index: StudyIndex) -> None:
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
         finally:
-            index.close()  # this thread's connection
+            index.release()  # this thread's connection
 
     threads = [threading.Thread(target=writer, args=(t,)) for t in range(threads_n)]
     for t in threads:
@@ -208,12 +212,12 @@ def test_concurrent_writers_and_a_closing_sensor(index: StudyIndex) -> None:
             if index.run_state("flow", run_id_for(STUDY, generation)) == "open":
                 closed_with.append({i.sop_uid for i in index.close_run("flow", run_id_for(STUDY, generation), STUDY)})
                 generation += 1
-        index.close()
+        index.release()
 
     def writer(t: int) -> None:
         for k in range(30):
             index.add(inst(t * 1000 + k), {"flow": NEVER})
-        index.close()
+        index.release()
 
     watcher = threading.Thread(target=sensor)
     watcher.start()
@@ -263,15 +267,250 @@ def test_a_trigger_refused_longer_than_the_give_up_time_is_given_up(index: Study
     assert [(g.run_id, g.attempts) for g in index.given_up_triggers()] == [(f"{STUDY}.1", 2)]
 
 
-def test_an_index_made_before_the_outbox_back_off_gets_its_columns(tmp_path: Path) -> None:
-    path = tmp_path / "old.sqlite3"
-    with sqlite3.connect(path) as db:  # the outbox table as the first release made it
-        db.execute("CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, dag_id TEXT NOT NULL, run_id TEXT "
-                   "NOT NULL, conf TEXT NOT NULL, created_at REAL NOT NULL, delivered_at REAL, attempts INTEGER NOT "
-                   "NULL DEFAULT 0, last_error TEXT NOT NULL DEFAULT '', UNIQUE (dag_id, run_id))")
-        db.execute("INSERT INTO outbox (dag_id, run_id, conf, created_at) VALUES ('f', 'r.1', '{}', 1)")
-    index = StudyIndex(path)
+#: The outbox table as the first release made it, before ADDED_COLUMNS (PostgreSQL: as such
+#: a release would have made it; a column added later meets this case).
+OLD_OUTBOX = {
+    "sqlite": "CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, dag_id TEXT NOT NULL, run_id TEXT "
+              "NOT NULL, conf TEXT NOT NULL, created_at REAL NOT NULL, delivered_at REAL, attempts INTEGER NOT "
+              "NULL DEFAULT 0, last_error TEXT NOT NULL DEFAULT '', UNIQUE (dag_id, run_id))",
+    "postgresql": "CREATE TABLE outbox (id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY, dag_id TEXT NOT "
+                  "NULL, run_id TEXT NOT NULL, conf TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL, "
+                  "delivered_at DOUBLE PRECISION, attempts BIGINT NOT NULL DEFAULT 0, last_error TEXT NOT NULL "
+                  "DEFAULT '', UNIQUE (dag_id, run_id))",
+}
+
+
+def test_an_index_made_before_the_outbox_back_off_gets_its_columns(target: Path | str, index_backend: str) -> None:
+    if isinstance(target, Path):
+        target.parent.mkdir(parents=True)
+    run_sql(target, OLD_OUTBOX[index_backend],
+            "INSERT INTO outbox (dag_id, run_id, conf, created_at) VALUES ('f', 'r.1', '{}', 1)")
+    index = StudyIndex(target)
     [item] = index.pending_triggers()
     assert (item.dag_id, item.attempts, item.first_refused_at) == ("f", 0, None)
     assert index.mark_refused(item.id, "HTTP 404", time.time() + 30, give_up_after=60) is False
     index.close()
+    StudyIndex(target).close()  # and opened again, it has them already
+
+
+# -- several processes at once (each StudyIndex its own connections, as another process's) ------
+
+def test_processes_opening_a_new_index_at_once_make_it_once(target: Path | str) -> None:
+    """The schema is made under a lock: CREATE TABLE IF NOT EXISTS alone is not safe when two
+    sessions run it at the same time (PostgreSQL: a duplicate key in its catalog)."""
+    barrier = threading.Barrier(8)
+    opened: list[StudyIndex] = []
+    errors: list[BaseException] = []
+
+    def open_it() -> None:
+        try:
+            barrier.wait()
+            opened.append(StudyIndex(target))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_it) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    opened[0].add(inst(1), {"flow": NEVER})
+    assert all(len(i.instances(STUDY)) == 1 for i in opened)
+    for i in opened:
+        i.close()
+
+
+def test_many_writers_of_one_study_in_several_processes_open_one_run(target: Path | str) -> None:
+    """32 threads over 4 indexes (4 processes' worth; more threads than PostgreSQL connections),
+    each adding instances of one study at once: one run and one trigger per flow, every row."""
+    indexes = [StudyIndex(target) for _ in range(4)]
+    barrier = threading.Barrier(32)
+    opened: list[RunRef] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def writer(t: int) -> None:
+        index = indexes[t % len(indexes)]
+        try:
+            barrier.wait()
+            for k in range(5):
+                result = index.add(inst(t * 100 + k, series=f"1.2.3.{t}"), {"flow_a": NEVER, "flow_b": NEVER})
+                with lock:
+                    opened.extend(result.opened)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            index.release()
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert errors == []
+    assert sorted(opened, key=lambda r: r.dag_id) == [RunRef("flow_a", f"{STUDY}.1", STUDY, 1),
+                                                      RunRef("flow_b", f"{STUDY}.1", STUDY, 1)]
+    assert len(indexes[0].instances(STUDY)) == 32 * 5
+    assert query(target, "SELECT dag_id, run_id FROM outbox ORDER BY dag_id") == [
+        ("flow_a", f"{STUDY}.1"), ("flow_b", f"{STUDY}.1")]
+    for index in indexes:
+        index.close()
+
+
+def test_a_sensor_closing_runs_while_other_processes_add(target: Path | str) -> None:
+    """The sensor (its own process) closes each generation while two listeners' threads add:
+    every instance is in the run that was closed, or in the next generation's."""
+    sensor_index, writers_index = StudyIndex(target), [StudyIndex(target), StudyIndex(target)]
+    closed_with: dict[int, set[str]] = {}
+    done = threading.Event()
+
+    def sensor() -> None:
+        generation = 1
+        while not done.is_set() or sensor_index.run_state("flow", run_id_for(STUDY, generation)) == "open":
+            if sensor_index.run_state("flow", run_id_for(STUDY, generation)) == "open":
+                taken = sensor_index.close_run("flow", run_id_for(STUDY, generation), STUDY)
+                closed_with[generation] = {i.sop_uid for i in taken}
+                generation += 1
+
+    added: dict[str, int] = {}  # SOP Instance UID -> the generation open when its add committed (0: none opened)
+    lock = threading.Lock()
+
+    def writer(t: int) -> None:
+        index = writers_index[t % 2]
+        for k in range(25):
+            row = inst(t * 1000 + k)
+            result = index.add(row, {"flow": NEVER})
+            with lock:
+                added[row.sop_uid] = result.opened[0].generation if result.opened else 0
+        index.release()
+
+    watcher = threading.Thread(target=sensor)
+    watcher.start()
+    writers = [threading.Thread(target=writer, args=(t,)) for t in range(6)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    done.set()
+    watcher.join(timeout=60)
+    assert not watcher.is_alive()
+
+    generations = sorted(closed_with)
+    assert generations == list(range(1, len(generations) + 1))
+    assert closed_with[generations[-1]] == set(added)  # the last close saw everything
+    for sop, opened_generation in added.items():
+        first_close = min(g for g in generations if sop in closed_with[g])  # in some closed run, always
+        # ... and no later than the generation open after its add: an instance that opened
+        # generation g is in g's close (it was added before g was closed)
+        assert opened_generation == 0 or first_close == opened_generation
+    assert all(closed_with[a] <= closed_with[b] for a, b in zip(generations, generations[1:]))
+    for index in (sensor_index, *writers_index):
+        index.close()
+
+
+# -- the backends' own matters ----------------------------------------------------------------
+
+postgresql_only = pytest.mark.parametrize("index_backend", ["postgresql"])
+
+
+@postgresql_only
+def test_postgresql_columns_hold_what_sqlite_does(index: StudyIndex) -> None:
+    """Times are 8-byte floats (PostgreSQL's REAL has 4: a received time would lose its seconds),
+    sizes and counts 8-byte integers."""
+    types = dict(query(index.target, "SELECT table_name || '.' || column_name, data_type FROM "
+                                     "information_schema.columns WHERE table_schema = current_schema()"))
+    assert {types[c] for c in ("instances.received_at", "runs.opened_at", "outbox.next_attempt_at",
+                               "receiving.last_seen")} == {"double precision"}
+    assert {types[c] for c in ("instances.size", "runs.generation", "outbox.attempts", "outbox.id")} == {"bigint"}
+    row = inst(1)
+    index.add(row, {})
+    assert index.instances(STUDY)[0].received_at == row.received_at  # every bit
+
+
+@postgresql_only
+def test_postgresql_connections_are_a_small_shared_pool(postgres, index_url: str) -> None:
+    """64 threads at once use at most POOL_SIZE connections (the listener: up to 200 associations)."""
+    from raddeploy_provider.store.index import POOL_SIZE
+
+    url = index_url + "&application_name=pool_test"
+    index = StudyIndex(url)
+    peak = 0
+    barrier = threading.Barrier(64)
+
+    def work(t: int) -> None:
+        barrier.wait()
+        for k in range(5):
+            index.add(inst(t * 10 + k), {"flow": NEVER})
+
+    def count() -> int:
+        return query(postgres.url(), "SELECT COUNT(*) FROM pg_stat_activity WHERE application_name = 'pool_test'")[0][0]
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(64)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        peak = max(peak, count())
+    assert 1 <= peak <= POOL_SIZE and len(index.instances(STUDY)) == 320
+    index.close()
+    assert count() == 0  # close() closed the pool
+
+
+@postgresql_only
+def test_durable_false_commits_without_waiting_for_the_disk(index_url: str) -> None:
+    """durable=True leaves the server's synchronous commits (on here, as by default), False turns them off."""
+    url = index_url + "%20-csynchronous_commit%3Don"  # the test server's default is off
+    for durable, setting in ((True, "on"), (False, "off")):
+        index = StudyIndex(url, durable=durable)
+        with index._read() as db:
+            assert db.execute("SHOW synchronous_commit").fetchone()["synchronous_commit"] == setting
+        index.close()
+
+
+@pytest.mark.parametrize("problem", ["no server", "wrong password", "no such database"])
+def test_an_index_that_cannot_be_reached_says_where_and_what_to_do(postgres, problem: str) -> None:
+    from peers import free_port
+
+    url = {"no server": f"postgresql://raddeploy:s3cr3t-pw@127.0.0.1:{free_port()}/postgres",
+           "wrong password": postgres.url().replace("index-test-secret", "s3cr3t-pw"),
+           "no such database": postgres.url("nothere").replace("index-test-secret", "s3cr3t-pw")}[problem]
+    with pytest.raises(IndexUnavailable) as raised:
+        StudyIndex(url)
+    message = str(raised.value)
+    assert "s3cr3t-pw" not in message and "s3cr3t-pw" not in repr(raised.value.__cause__)
+    assert "PostgreSQL database" in message and "127.0.0.1" in message and "RADDEPLOY_INDEX_URL" in message
+
+
+@postgresql_only
+def test_lost_server_connections_fail_a_call_then_the_pool_recovers(postgres, index_url: str) -> None:
+    """The server restarted (its connections cut): a call fails as IndexUnavailable (the listener
+    answers "out of resources", the sender retries), and the calls after it reconnect."""
+    url = index_url + "&application_name=cut_test"
+    index = StudyIndex(url)
+    index.add(inst(1), {"flow": NEVER})
+    postgres.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'cut_test'")
+    failures = 0
+    for n in range(2, 2 + 10):
+        try:
+            index.add(inst(n), {"flow": NEVER})
+        except IndexUnavailable as exc:
+            assert "PostgreSQL database" in str(exc)
+            failures += 1
+    assert 1 <= failures <= 8  # once per connection the pool held (at most POOL_SIZE)
+    assert len(index.instances(STUDY)) == 11 - failures and len(index.runs()) == 1
+    index.close()
+
+
+def test_sqlite_index_is_a_wal_file_where_it_was_asked(tmp_path: Path) -> None:
+    path = tmp_path / "data" / "index.sqlite3"
+    index = StudyIndex(path)
+    index.add(inst(1), {})
+    assert index.where == f"SQLite {path}"
+    assert query(path, "PRAGMA journal_mode") == [("wal",)]
+    index.close()
+
+
+def test_an_index_target_is_a_path_or_a_postgresql_url(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="postgresql:// URL or the path of an SQLite file, not mysql://"):
+        StudyIndex("mysql://u:pw@h/db")

@@ -17,8 +17,11 @@ from raddeploy_provider.store.study_store import file_sha256
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> StudyStore:
-    return StudyStore(tmp_path / "data", fsync=False)
+def store(tmp_path: Path, index_url: str | None) -> StudyStore:
+    """A store with its index on the test's backend (conftest's ``index_backend``: both)."""
+    store = StudyStore(tmp_path / "data", fsync=False, index_url=index_url)
+    yield store
+    store.index.close()
 
 
 @pytest.fixture(scope="module")
@@ -126,11 +129,12 @@ def test_ingest_stores_the_file_as_received_and_indexes_it(store: StudyStore, ct
     assert store.index.last_received(ct.study_uid) == row.received_at
 
 
-def test_ingest_with_fsync(tmp_path: Path, ct: Series) -> None:
-    store = StudyStore(tmp_path / "data")  # fsync on, as in production
+def test_ingest_with_fsync(tmp_path: Path, ct: Series, index_url: str | None) -> None:
+    store = StudyStore(tmp_path / "data", fsync=True, index_url=index_url)  # as in production
     result = store.ingest(incoming(store, ct.files[1]), Selector())
     assert len(result.opened) == 2
     assert store.path_of(store.index.instances(ct.study_uid)[0]).read_bytes() == ct.files[1].read_bytes()
+    store.index.close()
 
 
 def test_the_rest_of_the_series_opens_nothing_new(store: StudyStore, ct: Series) -> None:

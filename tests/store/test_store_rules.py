@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import sqlite3
 import struct
 import warnings
 from pathlib import Path
@@ -19,7 +18,8 @@ from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from dicom_factory import Series, make_series
-from raddeploy_provider.store import NEVER, RunRef, StoreError, StudyStore, snapshot
+from postgres import query
+from raddeploy_provider.store import NEVER, IndexUnavailable, RunRef, StoreError, StudyStore, snapshot
 from raddeploy_provider.store.errors import OtherPatient
 from raddeploy_provider.store.header_walk import MAX_DEPTH
 from raddeploy_provider.store.index import patient_id
@@ -35,8 +35,11 @@ def select(header) -> dict[str, float]:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> StudyStore:
-    return StudyStore(tmp_path / "data", fsync=False)
+def store(tmp_path: Path, index_url: str | None) -> StudyStore:
+    """A store with its index on the test's backend (conftest's ``index_backend``: both)."""
+    store = StudyStore(tmp_path / "data", fsync=False, index_url=index_url)
+    yield store
+    store.index.close()
 
 
 @pytest.fixture
@@ -73,11 +76,7 @@ def changed(source: Path, dest: Path, **values) -> Path:
 
 
 def db_rows(store: StudyStore, sql: str) -> list[tuple]:
-    db = sqlite3.connect(store.layout.index)
-    try:
-        return db.execute(sql).fetchall()
-    finally:
-        db.close()
+    return query(store.index.target, sql)
 
 
 def state(store: StudyStore) -> tuple:
@@ -231,11 +230,11 @@ def test_a_failed_commit_of_a_new_version_leaves_the_first(store: StudyStore, ct
     fixed = changed(ct.files[0], tmp_path / "fixed.dcm", ImageComments="corrected")
 
     def full(*args, **kwargs):
-        raise sqlite3.OperationalError("database or disk is full")
+        raise IndexUnavailable("the study index (test) cannot be used now: database or disk is full")
 
     with monkeypatch.context() as patch:  # the file is placed, then the transaction fails
         patch.setattr(store.index, "_open_run", full)
-        with pytest.raises(sqlite3.OperationalError):
+        with pytest.raises(IndexUnavailable):
             ingest(store, fixed)
     assert state(store) == before and files_under(store.layout.studies) == files  # no v2 file left
     assert files_under(store.layout.incoming) == []

@@ -15,9 +15,10 @@ STUDY = "1.2.826.0.1.3680043.99.1"
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> StudyStore:
-    """A store holding one study: a CT series of 3 and an MR series of 2, ingested for real."""
-    store = StudyStore(tmp_path / "data", fsync=False)
+def store(tmp_path: Path, index_url: str | None) -> StudyStore:
+    """A store holding one study: a CT series of 3 and an MR series of 2, ingested for real
+    (its index on the test's backend, conftest's ``index_backend``: both)."""
+    store = StudyStore(tmp_path / "data", fsync=False, index_url=index_url)
     for modality, slices in (("CT", 3), ("MR", 2)):
         series = make_series(tmp_path / "src" / modality, modality=modality, slices=slices, size=8,
                              study_uid=STUDY, description=f"{modality} planning")
@@ -25,7 +26,8 @@ def store(tmp_path: Path) -> StudyStore:
             temp = store.layout.incoming / f"{modality}_{f.name}"
             shutil.copyfile(f, temp)
             store.ingest(temp, lambda header: {})
-    return store
+    yield store
+    store.index.close()
 
 
 def test_hard_links_named_by_modality_series_and_sop(store: StudyStore, tmp_path: Path) -> None:
