@@ -219,16 +219,7 @@ def test_concurrent_writers_and_a_closing_sensor(index: StudyIndex) -> None:
             index.add(inst(t * 1000 + k), {"flow": NEVER})
         index.release()
 
-    watcher = threading.Thread(target=sensor)
-    watcher.start()
-    writers = [threading.Thread(target=writer, args=(t,)) for t in range(4)]
-    for w in writers:
-        w.start()
-    for w in writers:
-        w.join()
-    done.set()
-    watcher.join(timeout=30)
-    assert not watcher.is_alive()
+    race(sensor, writer, 4, done, timeout=30)
 
     all_sops = {i.sop_uid for i in index.instances(STUDY)}
     assert len(all_sops) == 120
@@ -386,16 +377,7 @@ def test_a_sensor_closing_runs_while_other_processes_add(target: Path | str) -> 
                 added[row.sop_uid] = result.opened[0].generation if result.opened else 0
         index.release()
 
-    watcher = threading.Thread(target=sensor)
-    watcher.start()
-    writers = [threading.Thread(target=writer, args=(t,)) for t in range(6)]
-    for w in writers:
-        w.start()
-    for w in writers:
-        w.join()
-    done.set()
-    watcher.join(timeout=60)
-    assert not watcher.is_alive()
+    race(sensor, writer, 6, done, timeout=60)
 
     generations = sorted(closed_with)
     assert generations == list(range(1, len(generations) + 1))
@@ -514,3 +496,18 @@ def test_sqlite_index_is_a_wal_file_where_it_was_asked(tmp_path: Path) -> None:
 def test_an_index_target_is_a_path_or_a_postgresql_url(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="postgresql:// URL or the path of an SQLite file, not mysql://"):
         StudyIndex("mysql://u:pw@h/db")
+
+
+def race(sensor, writer, writers: int, done: threading.Event, timeout: float) -> None:
+    """``sensor`` in a thread of its own while ``writers`` threads run ``writer(t)``; when they are
+    done, ``done`` tells the sensor to finish, which it must within ``timeout``."""
+    watcher = threading.Thread(target=sensor)
+    watcher.start()
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    done.set()
+    watcher.join(timeout=timeout)
+    assert not watcher.is_alive()
