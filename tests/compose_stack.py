@@ -169,16 +169,6 @@ def bridge_address() -> str:
     return str(ipaddress.ip_network(subnet)[1])  # Docker gives the bridge the subnet's first address
 
 
-def write_flow(stack: ComposeStack, name: str, text: str) -> None:
-    path = stack.flows_dir / name
-    path.write_text(text)
-    path.chmod(0o644)
-
-
-def dag_loaded(airflow, dag_id: str, timeout: float = 180) -> None:
-    wait_for(lambda: airflow.get(f"/api/v2/dags/{dag_id}")[0] == 200, timeout, f"DAG {dag_id} loaded", interval=2)
-
-
 def project_name(prefix: str = "rdtest") -> str:
     return re.sub(r"[^a-z0-9]", "", f"{prefix}{secrets.token_hex(3)}")
 

@@ -88,6 +88,13 @@ class StoreSCP:
     def files(self) -> list[Path]:
         return sorted(p for p in self.folder.iterdir() if p.is_file())
 
+    def new_files(self, before: set[Path], count: int, what: str, timeout: float = 300) -> list[Path]:
+        """The files received since ``before`` (a set of :meth:`files`), once there are ``count``."""
+        def arrived():
+            new = sorted(set(self.files()) - before)
+            return new if len(new) >= count else None
+        return wait_for(arrived, timeout, what, interval=1)
+
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=10)

@@ -90,9 +90,10 @@ def push_settled(stack: EmbeddedStack, files: list[Path], timeout: float = 60) -
 
 
 def add_flow(stack: EmbeddedStack, airflow, file_name: str, text: str, dag_id: str, timeout: float = 120) -> dict:
-    """Write a flow file into the running stack (renamed in whole, never half-read) and wait for
-    its DAG through the REST API; a file that does not load fails at once with its error (its
-    placeholder DAG ``invalid_<file stem>`` says why). Returns the DAG's JSON."""
+    """Write a flow file into the running stack (any with a ``flows_dir``: the compose one too),
+    renamed in whole, never half-read, and wait for its DAG through the REST API; a file that
+    does not load fails at once with its error (its placeholder DAG ``invalid_<file stem>`` says
+    why). Returns the DAG's JSON."""
     dag_path = f"/api/v2/dags/{urllib.parse.quote(dag_id, safe='')}"
     assert airflow.get(dag_path)[0] == 404, f"DAG {dag_id} exists before its flow file: stale stack?"
     tmp = stack.flows_dir / f".{file_name}.tmp"

@@ -24,12 +24,12 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from compose_stack import REPO, ComposeStack, bridge_address, dag_loaded, project_name, since, write_flow
+from compose_stack import REPO, ComposeStack, bridge_address, project_name, since
 from dicom_factory import make_series
 from directory import ADMIN_DN, SUFFIX, Directory
-from peers import StoreSCP, storescu, wait_for
+from peers import StoreSCP, storescu
 from raddeploy_provider.airflow_client import AirflowClient
-from stack_factory import run_finished, task_instances
+from stack_factory import add_flow, run_finished, task_instances
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.compose]
 
@@ -137,9 +137,6 @@ def compose(images, destination, directory) -> ComposeStack:
         stack.wait_healthy(SERVICES)
         print(f"\ncompose stack healthy in {since(start)}")
         print(f"idle:\n{stack.stats()}")  # the figures of docs/production.md
-        host = stack.network_gateway()  # the host, where the test's storescp listens
-        for name, text in (("cpu.yaml", CPU_FLOW), ("gpu.yaml", GPU_FLOW)):
-            write_flow(stack, name, text.format(host=host, port=destination.port, ae=destination.ae_title))
         yield stack
     finally:
         print(stack.logs(tail=40)[-6000:])
@@ -148,16 +145,13 @@ def compose(images, destination, directory) -> ComposeStack:
 
 
 @pytest.fixture(scope="module")
-def airflow(compose) -> AirflowClient:
+def airflow(compose, destination) -> AirflowClient:
     client = AirflowClient(compose.api_url, "admin", compose.env("RADDEPLOY_ADMIN_PASSWORD"))
-    for dag_id in ("compose_ct", "compose_gpu"):
-        dag_loaded(client, dag_id)
+    host = compose.network_gateway()  # the host, where the test's storescp listens
+    for name, text, dag_id in (("cpu.yaml", CPU_FLOW, "compose_ct"), ("gpu.yaml", GPU_FLOW, "compose_gpu")):
+        add_flow(compose, client, name, text.format(host=host, port=destination.port, ae=destination.ae_title),
+                 dag_id, timeout=180)
     return client
-
-
-def new_files(destination: StoreSCP, before: set[Path], count: int, what: str, timeout: float = 300) -> list[Path]:
-    return wait_for(lambda: (lambda new: new if len(new) >= count else None)(sorted(set(destination.files()) - before)),
-                    timeout, what, interval=1)
 
 
 def test_ct_pushed_to_published_port_is_delivered(compose, airflow, destination, tmp_path):
@@ -167,7 +161,7 @@ def test_ct_pushed_to_published_port_is_delivered(compose, airflow, destination,
     pushed = storescu(compose.dicom_port, series.files)
     assert pushed.returncode == 0, pushed.stderr
 
-    received = new_files(destination, before, 4, "the derived series at the host's storescp")
+    received = destination.new_files(before, 4, "the derived series at the host's storescp")
     print(f"\npush -> delivered through the compose stack: {since(start)}")
     for path in received:
         ds = dcmread(path)
@@ -193,9 +187,9 @@ def test_gpu_burst_runs_on_both_gpu_hosts(compose, airflow, destination, tmp_pat
     for series in studies:
         pushed = storescu(compose.dicom_port, series.files)
         assert pushed.returncode == 0, pushed.stderr
-    new_files(destination, before, 1, "the first GPU result")
+    destination.new_files(before, 1, "the first GPU result")
     print(f"\nbusy (mid-burst):\n{compose.stats()}")  # the figures of docs/production.md
-    new_files(destination, before, len(studies), "every study's GPU result delivered", timeout=400)
+    destination.new_files(before, len(studies), "every study's GPU result delivered", timeout=400)
 
     hosts: dict[str, list[str]] = {}
     for series in studies:
@@ -223,7 +217,7 @@ def test_listener_killed_and_restarted_by_compose_loses_nothing(compose, airflow
     restarts = compose.kill_main_process("listener")  # ... then the listener dies at once
     compose.wait_restarted("listener", restarts)
 
-    received = new_files(destination, before, 5, "the study acknowledged before the crash, delivered after it")
+    received = destination.new_files(before, 5, "the study acknowledged before the crash, delivered after it")
     assert {dcmread(p).StudyInstanceUID for p in received} == {series.study_uid}
     sources = {dcmread(p).SourceImageSequence[0].ReferencedSOPInstanceUID for p in received}
     assert sources == {dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in series.files}
