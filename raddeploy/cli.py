@@ -63,15 +63,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
     warnings = [warning for result in results for warning in result.warnings]
     if args.json:
         print(json.dumps({
-            "flows": [{"file": str(flow.source), "dag_id": flow.dag_id, "name": flow.name} for flow in flows],
+            "flows": [{"file": str(flow.source), "dag_id": flow.dag_id, "name": flow.name, "spelling": flow.spelling}
+                      for flow in flows],
             "errors": [_problem(error) for error in errors],
             "warnings": [_problem(warning) for warning in warnings],
         }, indent=2))
     else:
         for result in results:
             for flow in result.flows:
+                spelling = "; RadDeploy spelling: patterns match anywhere in a value" if flow.spelling == "raddeploy" else ""
                 print(f"ok: {flow.source}: {flow.dag_id} ({_plural(len(flow.triggers), 'trigger')}, "
-                      f"{_plural(len(flow.models), 'model')}, {_plural(len(flow.destinations), 'destination')})")
+                      f"{_plural(len(flow.models), 'model')}, {_plural(len(flow.destinations), 'destination')}"
+                      f"{spelling})")
             for error in result.errors:
                 print(f"error: {error}")
             for warning in result.warnings:

@@ -25,9 +25,9 @@ name: HN CT OARs
 id: hn_ct_oars
 triggers:
   - Modality: CT
-    SeriesDescription: ["(?i)head|neck", "~(?i)scout"]
+    SeriesDescription: ["(?i).*(head|neck).*", "~(?i).*scout.*"]
   - Modality: MR
-    SeriesDescription: "(?i)t1"
+    SeriesDescription: "(?i)t1.*"
 input: {{layout: [Modality, SeriesInstanceUID]}}
 models:
   - {{name: seg, image: "{IMAGE}", inputs: {{src: /in}}, outputs: {{dst: /out}}}}
@@ -117,8 +117,8 @@ def test_validate_json(tmp_path: Path, capsys) -> None:
 
     assert code == 1
     assert json.loads("\n".join(out)) == {
-        "flows": [{"file": str(hn), "dag_id": "hn_ct_oars", "name": "HN CT OARs"},
-                  {"file": str(latest), "dag_id": "l", "name": "HN CT OARs"}],
+        "flows": [{"file": str(hn), "dag_id": "hn_ct_oars", "name": "HN CT OARs", "spelling": "native"},
+                  {"file": str(latest), "dag_id": "l", "name": "HN CT OARs", "spelling": "native"}],
         "errors": [{"file": str(broken), "line": 3, "field": "modles", "message": error.message,
                     "hint": error.hint}],
         "warnings": [{"file": str(latest), "line": 10, "field": "models[0].image", "message": warning.message,
@@ -149,6 +149,33 @@ def test_validate_defaults_to_the_flows_folder_setting(tmp_path: Path, capsys, m
                                "1 flow ok, 0 errors, 0 warnings"])
 
 
+def test_validate_says_a_raddeploy_flow_searches_and_how_to_anchor_a_pattern(tmp_path: Path, capsys) -> None:
+    """RadDeploy's `Modality: CT` also matches RTSTRUCT there: it still loads, with the anchored form."""
+    flow = write(tmp_path, """
+        triggers:
+          - Modality: [CT]
+            SeriesDescription: ["(?i)thorax", "~SR"]
+          - Modality: ["(?i)mr|pt"]
+        models:
+          - docker_kwargs: {image: "seg:1"}
+        destinations: [{host: h, port: 104, ae_title: TPS}]
+        """, "rad.yaml")
+
+    code, out, _ = run(capsys, "validate", str(flow))
+
+    search = "(RadDeploy flow files search anywhere in the value)"
+    assert (code, out) == (0, [
+        f"ok: {flow}: rad (2 triggers, 1 model, 1 destination; RadDeploy spelling: patterns match anywhere in a value)",
+        f"warning: {flow}:2: triggers[0].Modality: pattern 'CT' matches Modality CT, CTPROTOCOL, IVOCT, OCT, "
+        f"RTSTRUCT {search} (anchor it to match one value: '^CT$')",
+        # SeriesDescription has no defined terms: '~SR' is not checked
+        f"warning: {flow}:4: triggers[1].Modality: pattern '(?i)mr|pt' matches Modality MR, OPT, OPTBSV, OPTENF, PT, "
+        f"SMR {search} "
+        "(anchor it to match one value: '(?i)^(?:mr|pt)$')",
+        "1 flow ok, 0 errors, 2 warnings",
+    ])
+
+
 def test_console_script_validate_json_without_airflow(tmp_path: Path) -> None:
     flow = write(tmp_path, HN, "hn.yaml")
     script = Path(sys.executable).with_name("raddeploy")
@@ -157,7 +184,7 @@ def test_console_script_validate_json_without_airflow(tmp_path: Path) -> None:
                           timeout=60)
 
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == {"flows": [{"file": str(flow), "dag_id": "hn_ct_oars", "name": "HN CT OARs"}],
+    assert json.loads(done.stdout) == {"flows": [{"file": str(flow), "dag_id": "hn_ct_oars", "name": "HN CT OARs", "spelling": "native"}],
                                        "errors": [], "warnings": []}
     # and none of validate, match, graph imports Airflow (the listener host may not have it)
     probe = ("import sys; from raddeploy.cli import main; "
@@ -185,11 +212,11 @@ def test_match_explains_each_file_and_lists_src_as_laid_out(tmp_path: Path, caps
     assert code == 0
     ct_not_t2 = ["    trigger 2: not satisfied",
                  "      Modality: pattern 'MR' did not match value 'CT'",
-                 "      SeriesDescription: pattern '(?i)t1' did not match value 'Head Neck'"]
+                 "      SeriesDescription: pattern '(?i)t1.*' did not match value 'Head Neck'"]
     assert out == [
         f"flow hn_ct_oars (HN CT OARs): {flow}",
-        "  trigger 1: Modality=CT, SeriesDescription=(?i)head|neck, SeriesDescription!~(?i)scout",
-        "  trigger 2: Modality=MR, SeriesDescription=(?i)t1",
+        "  trigger 1: Modality=CT, SeriesDescription=(?i).*(head|neck).*, SeriesDescription!~(?i).*scout.*",
+        "  trigger 2: Modality=MR, SeriesDescription=(?i)t1.*",
         "",
         f"study {STUDY}: 4 files",
         "  ct/CT0000.dcm",
@@ -201,14 +228,14 @@ def test_match_explains_each_file_and_lists_src_as_laid_out(tmp_path: Path, caps
         "  mr/MR0000.dcm",
         "    trigger 1: not satisfied",
         "      Modality: pattern 'CT' did not match value 'MR'",
-        "      SeriesDescription: pattern '(?i)head|neck' did not match value 'T1 MPRAGE'",
+        "      SeriesDescription: pattern '(?i).*(head|neck).*' did not match value 'T1 MPRAGE'",
         "    trigger 2: satisfied",
         "  scout/CT0000.dcm",
         "    trigger 1: not satisfied",
-        "      SeriesDescription: exclusion '~(?i)scout' matched value 'Head scout'",
+        "      SeriesDescription: exclusion '~(?i).*scout.*' matched value 'Head scout'",
         "    trigger 2: not satisfied",
         "      Modality: pattern 'MR' did not match value 'CT'",
-        "      SeriesDescription: pattern '(?i)t1' did not match value 'Head scout'",
+        "      SeriesDescription: pattern '(?i)t1.*' did not match value 'Head scout'",
         "  would run: yes",
         "  src: 3 files (layout Modality/SeriesInstanceUID, whole series), as the run's input/ would hold them",
         *[f"    {name}  <- {source}" for name, source in src],
@@ -223,7 +250,7 @@ def test_match_unmet_trigger_and_matched_instances_only(tmp_path: Path, capsys) 
     flow = write(tmp_path, f"""
         name: Pelvis
         triggers:
-          - {{Modality: CT, SeriesDescription: "~(?i)scout", ImageType: AXIAL}}
+          - {{Modality: CT, SeriesDescription: "~(?i).*scout.*", ImageType: AXIAL}}
           - {{Modality: MR, BodyPartExamined: PELVIS}}
         input: {{whole_series: false}}
         models: [{{image: "{IMAGE}", inputs: {{src: /in}}, outputs: {{dst: /out}}}}]
@@ -238,7 +265,7 @@ def test_match_unmet_trigger_and_matched_instances_only(tmp_path: Path, capsys) 
     assert code == 1
     assert out == [
         f"flow pelvis (Pelvis): {flow}",
-        "  trigger 1: Modality=CT, SeriesDescription!~(?i)scout, ImageType=AXIAL",
+        "  trigger 1: Modality=CT, SeriesDescription!~(?i).*scout.*, ImageType=AXIAL",
         "  trigger 2: Modality=MR, BodyPartExamined=PELVIS",
         "",
         f"study {STUDY}: 2 files",
@@ -249,7 +276,7 @@ def test_match_unmet_trigger_and_matched_instances_only(tmp_path: Path, capsys) 
         "      BodyPartExamined: value missing (pattern 'PELVIS' needs one)",
         "  CT0001.dcm",
         "    trigger 1: not satisfied",
-        "      SeriesDescription: exclusion '~(?i)scout' matched value 'Pelvis scout'",
+        "      SeriesDescription: exclusion '~(?i).*scout.*' matched value 'Pelvis scout'",
         "    trigger 2: not satisfied",
         "      Modality: pattern 'MR' did not match value 'CT'",
         "      BodyPartExamined: value missing (pattern 'PELVIS' needs one)",
@@ -272,8 +299,8 @@ def test_match_judges_each_study_on_its_own(tmp_path: Path, capsys) -> None:
     assert code == 1
     assert [line for line in out if not line.startswith("    ")] == [
         f"flow hn_ct_oars (HN CT OARs): {flow}",
-        "  trigger 1: Modality=CT, SeriesDescription=(?i)head|neck, SeriesDescription!~(?i)scout",
-        "  trigger 2: Modality=MR, SeriesDescription=(?i)t1",
+        "  trigger 1: Modality=CT, SeriesDescription=(?i).*(head|neck).*, SeriesDescription!~(?i).*scout.*",
+        "  trigger 2: Modality=MR, SeriesDescription=(?i)t1.*",
         "",
         f"study {STUDY}: 1 file",
         "  a_ct/CT0000.dcm",
@@ -285,9 +312,9 @@ def test_match_judges_each_study_on_its_own(tmp_path: Path, capsys) -> None:
         "  would run: no",
         "  src: 1 file (layout Modality/SeriesInstanceUID, whole series), as the run's input/ would hold them",
     ]
-    assert out.count("    unmet trigger 2: Modality=MR, SeriesDescription=(?i)t1") == 1
-    assert out.count("    unmet trigger 1: Modality=CT, SeriesDescription=(?i)head|neck, "
-                     "SeriesDescription!~(?i)scout") == 1
+    assert out.count("    unmet trigger 2: Modality=MR, SeriesDescription=(?i)t1.*") == 1
+    assert out.count("    unmet trigger 1: Modality=CT, SeriesDescription=(?i).*(head|neck).*, "
+                     "SeriesDescription!~(?i).*scout.*") == 1
 
 
 def test_match_one_file_and_copies_of_one_instance(tmp_path: Path, capsys) -> None:

@@ -16,7 +16,7 @@ name: Two modalities
 triggers:
   - Modality: CT
   - Modality: MR
-    SeriesDescription: "(?i)t1"
+    SeriesDescription: "(?i)t1.*"
 grouping: {quiet_period: 10s}
 models: [{image: "m:1", inputs: {src: /in}, outputs: {dst: /out}}]
 """
@@ -48,7 +48,7 @@ def test_nothing_received(flow, index):
     state = readiness(flow, index, STUDY, now=1000.0)
     assert not state.ready and state.instances == 0
     assert state.waiting_for == ("trigger 1: Modality=CT - not received yet; "
-                                 "trigger 2: Modality=MR, SeriesDescription=(?i)t1 - not received yet")
+                                 "trigger 2: Modality=MR, SeriesDescription=(?i)t1.* - not received yet")
 
 
 def test_waits_for_the_missing_trigger_then_the_quiet_period(flow, index):
@@ -56,7 +56,7 @@ def test_waits_for_the_missing_trigger_then_the_quiet_period(flow, index):
     index.association_ended("a1")
     state = readiness(flow, index, STUDY, now=1030.0)
     assert not state.ready and state.unmet == (1,)
-    assert state.waiting_for == "trigger 2: Modality=MR, SeriesDescription=(?i)t1 - not received yet"
+    assert state.waiting_for == "trigger 2: Modality=MR, SeriesDescription=(?i)t1.* - not received yet"
 
     index.add(inst(2, "MR", at=1031.0, description="T1 MPRAGE"), {"two_modalities": NEVER}, association="a2")
     state = readiness(flow, index, STUDY, now=1035.0)

@@ -20,8 +20,8 @@ import yaml
 from raddeploy_provider.store.layout import RunDir
 from raddeploy_provider.units import parse_size
 
-from . import raddeploy
-from .model import Condition, Destination, Grouping, InputSpec, ModelSpec, Pattern, Trigger
+from . import raddeploy, terms
+from .model import SEARCH, Condition, Destination, Grouping, InputSpec, ModelSpec, Pattern, Trigger
 from .schema import DOCKER_KWARGS_REFUSED, SECTIONS, Key
 
 if TYPE_CHECKING:
@@ -235,6 +235,7 @@ def triggers(reader: Reader, key: Key, node: yaml.Node, where: str) -> tuple[Tri
         for key_node, value_node in trig_node.value:
             keyword = reader.keyword(key_node, f"{place}.{key_node.value}")
             conditions.append(Condition(keyword, _patterns(reader, value_node, f"{place}.{keyword}")))
+            _warn_overlaps(reader, conditions[-1], value_node, f"{place}.{keyword}")
         out.append(Trigger(tuple(conditions)))
     return tuple(out)
 
@@ -254,10 +255,22 @@ def _patterns(reader: Reader, node: yaml.Node, where: str) -> tuple[Pattern, ...
         except re.error as exc:
             raise reader.error(item, where, f"bad regex {expr!r}: {exc}",
                                "fix the regular expression (quote it if it holds ':' or '#')") from None
-        patterns.append(Pattern(source=expr, regex=regex, exclude=exclude))
+        patterns.append(Pattern(source=expr, regex=regex, exclude=exclude, match=reader.spelling))
     if not patterns:
         raise reader.error(node, where, "no pattern given", "write a regex, e.g. CT")
     return tuple(patterns)
+
+
+def _warn_overlaps(reader: Reader, condition: Condition, node: yaml.Node, where: str) -> None:
+    """A searching pattern (RadDeploy spelling) that matches several defined terms: say which, and how to anchor."""
+    for pattern in condition.patterns:
+        found = terms.overlaps(condition.keyword, pattern)
+        if pattern.match == SEARCH and found:
+            shown = ", ".join(found[:8]) + (f" and {len(found) - 8} more" if len(found) > 8 else "")
+            tilde = "~" if pattern.exclude else ""
+            reader.warn(node, where, f"pattern {tilde + pattern.source!r} {'excludes' if pattern.exclude else 'matches'} "
+                        f"{condition.keyword} {shown} (RadDeploy flow files search anywhere in the value)",
+                        f"anchor it to match one value: {tilde + terms.anchored(pattern.source)!r}")
 
 
 def grouping(reader: Reader, key: Key, node: yaml.Node, where: str) -> Grouping:

@@ -28,8 +28,16 @@ real files with `raddeploy match FLOW DICOM_DIR`, and see the task graph with
 `raddeploy graph FLOW`.
 
 ## Matching rules
-- A pattern is an unanchored regex search (`re.search`) on the tag's value as text; `(?i)`
-  makes it case-insensitive; `~` in front makes it an exclusion (must not match).
+- A pattern is a regex that must match the **whole** value of the tag, as text
+  (`re.fullmatch`): `CT` matches `CT` and not `RTSTRUCT`; `CT|MR` is either;
+  `(?i)head.*` is any value starting with "head" in any case; `(?i).*neck.*` contains "neck".
+  `~` in front makes it an exclusion (must not match): `~(?i).*scout.*`.
+- **RadDeploy flow files** (a file that uses any key marked *RadDeploy* below, such as
+  `docker_kwargs`) keep RadDeploy's meaning: a pattern matches **anywhere** in the value
+  (`re.search`), so they run as they did there. `raddeploy validate` warns of such a pattern
+  that matches more than one defined term of its keyword (`Modality: CT` also matches
+  `RTSTRUCT`, `OCT`, `CTPROTOCOL`) and gives the anchored form (`^CT$`). `raddeploy validate`
+  and `raddeploy match` say which way a flow's patterns match.
 - A keyword takes one pattern or a list; all must hold. All keywords of one trigger must
   hold for the same instance. Every trigger must be satisfied by some instance of the study;
   different triggers may be met by different series, sent in different associations.

@@ -23,7 +23,7 @@ from raddeploy_provider.units import slug
 from . import raddeploy
 from .errors import FlowError, FlowWarning
 from .graph import GraphError, model_order, unused_outputs
-from .model import Flow, Grouping
+from .model import SEARCH, Flow, Grouping
 from .reader import Reader
 
 
@@ -135,6 +135,7 @@ def _flow(reader: Reader, file_hash: str) -> Flow:
         provenance=values.get("provenance", True),
         extra=values.get("extra", {}),
         file_hash=file_hash,
+        spelling="raddeploy" if reader.spelling == SEARCH else "native",
     )
 
 

@@ -1,7 +1,8 @@
 """Trigger matching: pure functions over instance headers (keyword -> text value(s)).
 
-Semantics (docs/flows.md, "Matching rules"): a pattern is an unanchored ``re.search``;
-``~`` patterns must not match; a multi-valued tag matches when any value does (an exclusion
+Semantics (docs/flows.md, "Matching rules"): a pattern matches the whole value
+(``re.fullmatch``) in the native spelling, anywhere in it (``re.search``) in a RadDeploy flow
+file (:attr:`~.model.Pattern.match`); ``~`` patterns must not match; a multi-valued tag matches when any value does (an exclusion
 excludes when any value matches); a keyword the instance lacks fails every positive pattern
 and no exclusion. All conditions of a trigger hold for one instance; every trigger of a
 flow must be satisfied by some instance of the study.
@@ -43,7 +44,7 @@ def _check(condition: Condition, header: Header,
         else:
             hit = None
             for v in values:
-                if pattern.regex.search(v):
+                if pattern.hits(v):
                     hit = v
                     break
             if (hit is not None) != pattern.exclude:

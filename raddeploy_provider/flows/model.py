@@ -16,13 +16,25 @@ from raddeploy_provider.store.layout import SOURCE_MOUNT  # noqa: F401  (the mat
 from .errors import FlowWarning
 
 
+#: How a flow file's trigger patterns meet a value: ``whole`` (the native spelling: the pattern
+#: must match all of it, ``re.fullmatch``) or ``search`` (RadDeploy's: anywhere in it, ``re.search``).
+WHOLE, SEARCH = "whole", "search"
+
+
 @dataclass(frozen=True)
 class Pattern:
-    """One regex of a trigger condition; ``exclude`` for the ``~`` form (must NOT match)."""
+    """One regex of a trigger condition; ``exclude`` for the ``~`` form (must NOT match);
+    ``match``: :data:`WHOLE` or :data:`SEARCH`, from the spelling of the flow file."""
 
     source: str
     regex: re.Pattern[str]
     exclude: bool = False
+    match: str = WHOLE
+
+    def hits(self, value: str) -> bool:
+        """Does the regex match ``value`` (the whole of it, or anywhere in it)? ``exclude`` aside."""
+        found = self.regex.fullmatch(value) if self.match == WHOLE else self.regex.search(value)
+        return found is not None
 
 
 @dataclass(frozen=True)
@@ -141,3 +153,4 @@ class Flow:
     extra: dict[str, Any] = field(default_factory=dict)
     file_hash: str = ""
     warnings: tuple[FlowWarning, ...] = ()
+    spelling: str = "native"  # "raddeploy" when the file uses a RadDeploy key (its patterns then search)

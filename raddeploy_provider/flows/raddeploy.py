@@ -12,7 +12,12 @@ load unchanged. They spell these things differently from the native form:
   chain, each reading the previous one's output (the first reads ``src``, the last one's is sent);
 - ``pull_before_exec: true`` is ``pull: always``;
 - ``return_to_sender_on_ports`` and ``return_to_sender_on_port`` are ``return_to_sender``;
-- ``tar_subdir`` is ``input.layout``.
+- ``tar_subdir`` is ``input.layout``;
+- a model that gives no ``input_mounts``/``output_mounts`` has RadDeploy's defaults,
+  ``{src: /input}`` and ``{dst: /output}``;
+- trigger patterns search anywhere in a value (``re.search``), where the native spelling
+  matches the whole value: a file that uses any RadDeploy key (:func:`spelling_of`) is read
+  with RadDeploy's matching, so its triggers mean what they meant there.
 
 One thing given in both spellings is an error ("keep one"), never a silent choice.
 """
@@ -26,7 +31,8 @@ import yaml
 
 from raddeploy_provider.store.layout import SOURCE_MOUNT
 
-from .model import Flow, InputSpec
+from .model import SEARCH, WHOLE, Flow, InputSpec
+from .schema import keys_of
 
 if TYPE_CHECKING:
     from .reader import Reader
@@ -38,6 +44,33 @@ RETURN_TO_SENDER = ("return_to_sender", "return_to_sender_on_ports", "return_to_
 #: ``docker_kwargs`` that are native model fields; the others become ``host_config``.
 _NATIVE_DOCKER_KWARGS = ("image", "command", "entrypoint", "environment", "mem_limit", "shm_size", "user",
                          "working_dir", "labels", "ipc_mode")
+#: RadDeploy's mounts of a model that gives none (its ``Model`` defaults).
+DEFAULT_MOUNTS = {"inputs": {SOURCE_MOUNT: "/input"}, "outputs": {"dst": "/output"}}
+
+
+def spelling_of(root: yaml.Node | None) -> str:
+    """How the file's trigger patterns match: :data:`~.model.SEARCH` when it uses any RadDeploy
+    key (top level or a model's), else :data:`~.model.WHOLE`. Read from the YAML tree before
+    any value is converted, so the triggers know it."""
+    if not isinstance(root, yaml.MappingNode):
+        return WHOLE
+    top = {str(k.value): v for k, v in root.value}
+    models = top.get("models")
+    items = models.value if isinstance(models, yaml.SequenceNode) else []
+    return SEARCH if _uses_raddeploy_keys(root, "flow") or any(map(_raddeploy_model, items)) else WHOLE
+
+
+def _uses_raddeploy_keys(node: yaml.Node | None, section: str) -> bool:
+    """Does this mapping of ``section`` give a key only RadDeploy's spelling has?"""
+    if not isinstance(node, yaml.MappingNode):
+        return False
+    table = keys_of(section)
+    return any(table[name].raddeploy for name in (str(k.value) for k, _ in node.value) if name in table)
+
+
+def _raddeploy_model(node: yaml.Node | None) -> bool:
+    """A model written in RadDeploy's spelling (``docker_kwargs``, ``input_mounts``, ...): it has RadDeploy's defaults."""
+    return _uses_raddeploy_keys(node, "models[]")
 
 
 def model_fields(reader: Reader, nodes: list[yaml.Node], sections: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -68,6 +101,8 @@ def _fields(reader: Reader, node: yaml.Node, index: int, values: dict[str, Any],
                                f"given with `{native}`", "keep one")
         if native in values or raddeploy in values:
             fields[native] = values.pop(native) if native in values else values.pop(raddeploy)
+        elif chain is None and _raddeploy_model(node):
+            fields[native] = dict(DEFAULT_MOUNTS[native])
     if chain is not None:
         if "inputs" in fields or "outputs" in fields:
             raise reader.error(node, where, "mixes mounts with the chained `input_dir`/`output_dir` form",

@@ -22,7 +22,7 @@ from .convert import CONVERTERS
 from .errors import FlowError, FlowWarning
 from .graph import GraphError
 from .model import Flow
-from .raddeploy import MOUNT_SPELLINGS
+from .raddeploy import MOUNT_SPELLINGS, spelling_of
 from .schema import keys_of
 
 
@@ -33,6 +33,8 @@ class Reader:
         self.path = path
         self.root = root
         self.warnings: list[FlowWarning] = []
+        #: How its trigger patterns match (``whole`` or ``search``), from the keys the file uses.
+        self.spelling = spelling_of(root)
         self._nodes: dict[str, tuple[yaml.Node, yaml.Node]] = {}  # field path -> (key, value) nodes
 
     def error(self, node: yaml.Node | None, fieldname: str, message: str, hint: str = "") -> FlowError:

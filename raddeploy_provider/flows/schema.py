@@ -43,9 +43,9 @@ FLOW = (
         "0", "2"),
     Key("tags", "tags", "Extra Airflow tags, to filter DAGs in the UI.", "[]", "[hn, oar]"),
     Key("triggers", "triggers", "Which studies run the flow: a list of triggers; each maps DICOM keywords to a "
-        "regex or a list of regexes that must all hold for one instance (`~` in front: must not match). "
-        "Every trigger must be satisfied by some instance of the study.", required=True,
-        example='[{Modality: CT, SeriesDescription: ["(?i)head|neck", "~(?i)scout"]}]'),
+        "regex or a list of regexes that must all hold for one instance (each matches the whole value; `~` in "
+        "front: must not match). Every trigger must be satisfied by some instance of the study.", required=True,
+        example='[{Modality: CT, SeriesDescription: ["(?i).*(head|neck).*", "~(?i).*scout.*"]}]'),
     Key("grouping", "grouping", "When a study is complete enough to run (see the `grouping` section).",
         "see below", "{quiet_period: 10s}"),
     Key("input", "input", "How the matched instances are laid out for the first models (see `input`).",
@@ -70,8 +70,8 @@ FLOW = (
     Key("provenance", "bool", "Every result gets a Contributing Equipment item naming raddeploy-provider, "
         "the flow, its version and the model image digest, before it is sent. `off` (`false`) leaves results "
         "as the model wrote them.", "on", "off"),
-    Key("extra", "mapping", "Free-form values that follow the flow: given to every model as JSON in "
-        "`RADDEPLOY_FLOW_EXTRA`.", "{}", "{site: aarhus}", raddeploy=True),
+    Key("extra", "mapping", "Free-form values that follow the flow (RadDeploy's `extra` too): given to every "
+        "model as JSON in `RADDEPLOY_FLOW_EXTRA`.", "{}", "{site: aarhus}"),
     Key("tar_subdir", "keywords", "RadDeploy spelling of `input.layout` as a list of DICOM keywords.", "[]",
         "[SOPClassUID, SeriesInstanceUID]", raddeploy=True),
 )

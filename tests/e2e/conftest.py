@@ -14,7 +14,7 @@ name: E2E CT threshold
 id: e2e_ct_threshold
 triggers:
   - Modality: CT
-    SeriesDescription: "~(?i)scout"
+    SeriesDescription: "~(?i).*scout.*"
 grouping:
   quiet_period: 2s
 models:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from flow_factory import write
-from raddeploy_provider.flows import FlowError, load_flow, load_flows, parse_duration
+from raddeploy_provider.flows import FlowError, load_flow, load_flows, matched_triggers, parse_duration
 from raddeploy_provider.flows.model import Destination, Grouping, InputSpec, ModelSpec
 
 
@@ -122,7 +122,7 @@ def test_defaults_for_a_minimal_flow(tmp_path: Path) -> None:
 RADDEPLOY = """
 name: Same flow
 triggers:
-  - Modality: CT
+  - Modality: ^CT$
     SeriesDescription: "~(?i)scout"
 models:
   - docker_kwargs:
@@ -143,7 +143,7 @@ NATIVE_TWIN = """
 name: Same flow
 triggers:
   - Modality: CT
-    SeriesDescription: "~(?i)scout"
+    SeriesDescription: "~(?i).*scout.*"
 models:
   - image: registry.local/seg:2
     command: python /app/run.py --fast
@@ -170,9 +170,15 @@ def test_raddeploy_form_loads_into_the_same_model_as_native(tmp_path: Path) -> N
     assert model.gpu == 1  # True means one GPU
     assert model.timeout == 1200.0
 
-    same = {"source": Path("x"), "file_hash": ""}
+    # the triggers differ in spelling only: RadDeploy's search anchored, the native whole value widened
+    same = {"source": Path("x"), "file_hash": "", "triggers": (), "spelling": ""}
     assert dataclasses.replace(rad, **same) == dataclasses.replace(native, **same)
     assert rad.file_hash != native.file_hash
+    assert (rad.spelling, native.spelling) == ("raddeploy", "native")
+    for header in ({"Modality": "CT", "SeriesDescription": "Thorax"}, {"Modality": "CT", "SeriesDescription": "Scout 1"},
+                   {"Modality": "RTSTRUCT", "SeriesDescription": "Thorax"}, {"Modality": "OCT"}):
+        assert matched_triggers(rad, header) == matched_triggers(native, header)
+    assert matched_triggers(native, {"Modality": "CT", "SeriesDescription": "Thorax"}) == [0]
 
 
 def test_gpu_false_is_no_gpu(tmp_path: Path) -> None:

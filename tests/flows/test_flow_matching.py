@@ -13,14 +13,16 @@ from raddeploy_provider.flows.matching import select_inputs
 
 @pytest.fixture
 def make_flow(tmp_path: Path):
-    """Load a flow whose ``triggers:`` (and optional ``input:``) section is given as YAML."""
+    """Load a flow whose ``triggers:`` (and optional ``input:``) section is given as YAML; native
+    spelling unless ``raddeploy`` (its one model then has ``docker_kwargs``)."""
     count = 0
 
-    def make(triggers: str, input_section: str = "") -> Flow:
+    def make(triggers: str, input_section: str = "", raddeploy: bool = False) -> Flow:
         nonlocal count
         count += 1
+        model = "{docker_kwargs: {image: a}}" if raddeploy else "{image: a}"
         text = (f"name: f{count}\ntriggers:\n{textwrap.indent(textwrap.dedent(triggers).strip(), '  ')}\n"
-                f"{textwrap.dedent(input_section).strip()}\nmodels: [{{image: a}}]\n")
+                f"{textwrap.dedent(input_section).strip()}\nmodels: [{model}]\n")
         path = tmp_path / f"f{count}.yaml"
         path.write_text(text)
         return load_flow(path)
@@ -35,7 +37,7 @@ RTSTRUCT = {"Modality": "RTSTRUCT"}
 
 
 def test_all_keywords_of_one_trigger_must_hold_for_the_same_instance(make_flow) -> None:
-    flow = make_flow("- {Modality: CT, SeriesDescription: '(?i)head'}")
+    flow = make_flow("- {Modality: CT, SeriesDescription: '(?i)head.*'}")
     trigger = flow.triggers[0]
     assert trigger_matches(trigger, CT_HEAD)
     assert not trigger_matches(trigger, {"Modality": "CT", "SeriesDescription": "Pelvis"})
@@ -46,36 +48,54 @@ def test_all_keywords_of_one_trigger_must_hold_for_the_same_instance(make_flow) 
 
 
 def test_exclusion(make_flow) -> None:
-    flow = make_flow("- {Modality: CT, SeriesDescription: '~(?i)scout'}")
+    flow = make_flow("- {Modality: CT, SeriesDescription: '~(?i).*scout.*'}")
     assert matched_triggers(flow, CT_HEAD) == [0]
     assert matched_triggers(flow, CT_SCOUT) == []
 
 
 def test_list_of_patterns_must_all_hold(make_flow) -> None:
-    flow = make_flow("- SeriesDescription: ['(?i)head|neck', '~(?i)scout', '2mm']")
+    flow = make_flow("- SeriesDescription: ['(?i).*(head|neck).*', '~(?i).*scout.*', '.*2mm']")
     assert matched_triggers(flow, CT_HEAD) == [0]
     assert matched_triggers(flow, CT_SCOUT) == []  # excluded
     assert matched_triggers(flow, {"SeriesDescription": "Head and Neck 3mm"}) == []  # 2mm fails
 
 
-def test_search_is_unanchored_and_case_sensitive_unless_asked(make_flow) -> None:
+def test_native_patterns_match_the_whole_value_case_sensitive_unless_asked(make_flow) -> None:
+    flow = make_flow("""
+        - SeriesDescription: neck
+        - SeriesDescription: (?i).*neck
+        - SeriesDescription: Head|Neck
+        - SeriesDescription: (?i)head.*
+    """)
+    assert matched_triggers(flow, {"SeriesDescription": "Head and neck"}) == [1, 3]
+    assert matched_triggers(flow, {"SeriesDescription": "HEAD AND NECK"}) == [1, 3]
+    assert matched_triggers(flow, {"SeriesDescription": "Head"}) == [2, 3]
+    assert matched_triggers(flow, {"SeriesDescription": "neck"}) == [0, 1]
+    # "CT" is the value CT, never the CT inside RTSTRUCT; alternatives are whole values too
+    assert matched_triggers(make_flow("- Modality: CT"), RTSTRUCT) == []
+    assert matched_triggers(make_flow("- Modality: CT|MR"), MR_T1) == [0]
+    assert matched_triggers(make_flow("- Modality: CT|MR"), RTSTRUCT) == []
+
+
+def test_raddeploy_patterns_search_anywhere_in_the_value(make_flow) -> None:
+    """A RadDeploy flow file keeps RadDeploy's unanchored search, so it loads and runs as it did."""
     flow = make_flow("""
         - SeriesDescription: neck
         - SeriesDescription: (?i)neck
         - SeriesDescription: ^Head$
-    """)
+    """, raddeploy=True)
     assert matched_triggers(flow, {"SeriesDescription": "Head and neck"}) == [0, 1]
     assert matched_triggers(flow, {"SeriesDescription": "HEAD AND NECK"}) == [1]
     assert matched_triggers(flow, {"SeriesDescription": "Head"}) == [2]
-    # "CT" is found inside "RTSTRUCT": patterns are searched, not matched whole
-    assert matched_triggers(make_flow("- Modality: CT"), RTSTRUCT) == [0]
-    assert matched_triggers(make_flow("- Modality: ^CT$"), RTSTRUCT) == []
+    # "CT" is found inside "RTSTRUCT" there, which validate warns of (tests/flows/test_flow_schema.py)
+    assert matched_triggers(make_flow("- Modality: CT", raddeploy=True), RTSTRUCT) == [0]
+    assert matched_triggers(make_flow("- Modality: ^CT$", raddeploy=True), RTSTRUCT) == []
 
 
 def test_missing_keyword_fails_a_positive_pattern_and_does_not_exclude(make_flow) -> None:
     flow = make_flow("""
         - {Modality: CT, ContrastBolusAgent: '.*'}
-        - {Modality: CT, ContrastBolusAgent: '~(?i)iodine'}
+        - {Modality: CT, ContrastBolusAgent: '~(?i)iodine.*'}
     """)
     header = {"Modality": "CT"}
     assert matched_triggers(flow, header) == [1]
@@ -114,8 +134,8 @@ def test_numbers_are_matched_as_text(make_flow) -> None:
 
 def test_every_trigger_must_be_met_by_some_instance(make_flow) -> None:
     flow = make_flow("""
-        - {Modality: CT, SeriesDescription: "~(?i)scout"}
-        - {Modality: MR, SeriesDescription: "(?i)t1"}
+        - {Modality: CT, SeriesDescription: "~(?i).*scout.*"}
+        - {Modality: MR, SeriesDescription: "(?i)t1.*"}
         - Modality: RTSTRUCT
     """)
     assert unmet_triggers(flow, []) == [0, 1, 2]
@@ -131,7 +151,7 @@ def test_every_trigger_must_be_met_by_some_instance(make_flow) -> None:
 def test_one_instance_can_meet_several_triggers(make_flow) -> None:
     flow = make_flow("""
         - Modality: CT
-        - SeriesDescription: (?i)neck
+        - SeriesDescription: (?i).*neck.*
     """)
     assert matched_triggers(flow, CT_HEAD) == [0, 1]
     assert unmet_triggers(flow, [CT_HEAD]) == []
@@ -172,19 +192,19 @@ def test_explain_says_which_pattern_failed_and_why(make_flow) -> None:
 
     flow = make_flow("""
         - Modality: CT
-          SeriesDescription: ['(?i)head', '~(?i)scout']
+          SeriesDescription: ['(?i)head.*', '~(?i).*scout']
           BodyPartExamined: HEAD
           ImageType: DERIVED
         """)
     trigger = flow.triggers[0]
     assert explain(trigger, CT_SCOUT) == [
-        "SeriesDescription: exclusion '~(?i)scout' matched value 'HEAD scout'",
+        "SeriesDescription: exclusion '~(?i).*scout' matched value 'HEAD scout'",
         "BodyPartExamined: value missing (pattern 'HEAD' needs one)",
         "ImageType: pattern 'DERIVED' did not match values ['ORIGINAL', 'PRIMARY', 'LOCALIZER']",
     ]
     assert explain(trigger, MR_T1) == [
         "Modality: pattern 'CT' did not match value 'MR'",
-        "SeriesDescription: pattern '(?i)head' did not match value 'T1 MPRAGE'",
+        "SeriesDescription: pattern '(?i)head.*' did not match value 'T1 MPRAGE'",
         "BodyPartExamined: value missing (pattern 'HEAD' needs one)",
         "ImageType: value missing (pattern 'DERIVED' needs one)",
     ]
@@ -197,12 +217,17 @@ def test_explain_says_which_pattern_failed_and_why(make_flow) -> None:
 def test_explain_and_matching_agree(make_flow) -> None:
     from raddeploy_provider.flows import explain
 
-    flow = make_flow("""
-        - {Modality: CT, SeriesDescription: '~(?i)scout'}
-        - {Modality: MR, SeriesDescription: ['(?i)t1', '~(?i)post']}
-        - {ImageType: LOCALIZER}
-        - {Modality: RT}
-        """)
-    for header in (CT_HEAD, CT_SCOUT, MR_T1, RTSTRUCT, {}, {"Modality": ["CT", "MR"]}):
-        for trigger in flow.triggers:
-            assert trigger_matches(trigger, header) == (explain(trigger, header) == [])
+    outcomes = set()
+    for raddeploy in (False, True):  # both ways of matching a pattern
+        flow = make_flow("""
+            - {Modality: CT, SeriesDescription: '~(?i)scout'}
+            - {Modality: MR, SeriesDescription: ['(?i)t1.*', '~(?i)post']}
+            - {ImageType: LOCALIZER}
+            - {Modality: RT}
+            """, raddeploy=raddeploy)
+        for header in (CT_HEAD, CT_SCOUT, MR_T1, RTSTRUCT, {}, {"Modality": ["CT", "MR"]}):
+            for trigger in flow.triggers:
+                matches = trigger_matches(trigger, header)
+                assert matches == (explain(trigger, header) == [])
+                outcomes.add((raddeploy, matches))
+    assert len(outcomes) == 4  # each spelling both matched and failed some

@@ -24,6 +24,8 @@ from raddeploy_provider.flows.model import (
     Grouping,
     InputSpec,
     ModelSpec,
+    SEARCH,
+    WHOLE,
     Pattern,
     Trigger,
 )
@@ -42,13 +44,23 @@ def error_of(folder: Path, text: str, name: str = "flow.yaml") -> str:
     return str(info.value).replace(str(path), "F")
 
 
-def trigger(*conditions: tuple[str, list[str]]) -> Trigger:
-    """A trigger as the loader builds it: ``("Modality", ["CT", "~(?i)scout"])``."""
+def trigger(*conditions: tuple[str, list[str]], match: str = WHOLE) -> Trigger:
+    """A trigger as the loader builds it: ``("Modality", ["CT", "~(?i)scout"])``; ``match``:
+    :data:`SEARCH` for a RadDeploy flow file."""
     return Trigger(tuple(
-        Condition(keyword, tuple(Pattern(p.lstrip("~"), re.compile(p.lstrip("~")), p.startswith("~"))
+        Condition(keyword, tuple(Pattern(p.lstrip("~"), re.compile(p.lstrip("~")), p.startswith("~"), match)
                                  for p in patterns))
         for keyword, patterns in conditions
     ))
+
+
+def overlap(path: Path, line: int, where: str, pattern: str, terms: str, anchored: str) -> str:
+    """The warning of a RadDeploy pattern that matches several defined terms."""
+    return (f"{path}:{line}: {where}: pattern {pattern!r} matches {terms} (RadDeploy flow files search anywhere "
+            f"in the value) (anchor it to match one value: {anchored!r})")
+
+
+CT_TERMS = "Modality CT, CTPROTOCOL, IVOCT, OCT, RTSTRUCT"
 
 
 def comparable(flow: Flow) -> Flow:
@@ -153,9 +165,9 @@ def test_raddeploy_form_with_every_field(tmp_path: Path) -> None:
         version="1.02",
         priority=4,
         triggers=(
-            trigger(("Modality", ["CT"]), ("SeriesDescription", ["Head|Neck|Brain"])),
+            trigger(("Modality", ["CT"]), ("SeriesDescription", ["Head|Neck|Brain"]), match=SEARCH),
             trigger(("SOPClassUID", ["1.2.840.10008.5.1.4.1.1.4"]),
-                    ("StudyDescription", ["(?i)AutoSegProtocol", "~FLAIR"])),
+                    ("StudyDescription", ["(?i)AutoSegProtocol", "~FLAIR"]), match=SEARCH),
         ),
         input=InputSpec(layout=("SOPClassUID", "SeriesInstanceUID"), whole_series=True),
         return_to_sender=(104, 11112),
@@ -209,9 +221,12 @@ def test_raddeploy_form_with_every_field(tmp_path: Path) -> None:
             Destination(host="localhost", port=10001, ae_title="STORESCP"),
             Destination(host="storage.some-system.org", port=104, ae_title="FANCYSTORE"),
         ),
+        spelling="raddeploy",
     )
-    # network_disabled: false is legal but reaches the network: the warning points at that line
+    # network_disabled: false is legal but reaches the network: the warning points at that line;
+    # RadDeploy's "CT" also matches RTSTRUCT: said, with the anchored pattern
     assert [str(w) for w in flow.warnings] == [
+        overlap(path, 8, "triggers[0].Modality", "CT", CT_TERMS, "^CT$"),
         f"{path}:30: models[0].network: model 'model_0' can reach the network ({NETWORK})",
     ]
 
@@ -228,10 +243,14 @@ def test_raddeploy_readme_simplest_flow(tmp_path: Path) -> None:
     """, "Hello World.yml")
     flow = load_flow(path)
     assert comparable(flow) == Flow(
-        name="Hello World", dag_id="hello_world", source=path, triggers=(trigger(("Modality", ["CT"])),),
-        models=(ModelSpec(name="model_0", image="hello-world"),), destinations=(),
+        name="Hello World", dag_id="hello_world", source=path,
+        triggers=(trigger(("Modality", ["CT"]), match=SEARCH),),
+        # RadDeploy's default mounts: the matched DICOM in /input, /output sent
+        models=(ModelSpec(name="model_0", image="hello-world", inputs={"src": "/input"}, outputs={"dst": "/output"}),),
+        destinations=(), spelling="raddeploy",
     )
     assert [str(w) for w in flow.warnings] == [
+        overlap(path, 2, "triggers[0].Modality", "CT", CT_TERMS, "^CT$"),
         f"{path}:5: models[0].image: image 'hello-world' has a mutable tag ({MUTABLE})",
     ]
 
@@ -256,13 +275,13 @@ def test_raddeploy_readme_variants(tmp_path: Path) -> None:
             output_mounts: {dst: /output}
             timeout: 90
     """))
-    assert flow.triggers == (trigger(("Modality", ["CT"]), ("SeriesDescription", ["Head|Neck|Brain"])),)
+    assert flow.triggers == (trigger(("Modality", ["CT"]), ("SeriesDescription", ["Head|Neck|Brain"]), match=SEARCH),)
     assert flow.return_to_sender == (104,)
     (model,) = flow.models
     assert model.environment == {"CONTAINER_ORDER": "1", "SCALE": "0.5"}
     assert model.static_mounts == {"AwesomeModel1": "/model"}
     assert model.timeout == 90.0
-    assert flow.warnings == ()
+    assert [str(w) for w in flow.warnings] == [overlap(flow.source, 3, "triggers[0].Modality", "CT", CT_TERMS, "^CT$")]
 
 
 def test_every_return_to_sender_spelling_adds_up_without_repeats(tmp_path: Path) -> None:
@@ -524,7 +543,7 @@ def test_sizes(tmp_path: Path, written: str, size: int) -> None:
 
 # -- errors --------------------------------------------------------------------------------------
 
-HEAD = "name: x\ntriggers: [{Modality: CT}]\n"  # lines 1-2 of every flow below
+HEAD = "name: x\ntriggers: [{Modality: ^CT$}]\n"  # lines 1-2 of every flow below (anchored: no overlap warning)
 
 
 @pytest.mark.parametrize("body, expected", [
@@ -729,6 +748,7 @@ def test_output_never_used_in_raddeploy_spelling_is_a_warning(tmp_path: Path) ->
     flow = load_flow(path)
     assert [m.name for m in flow.models] == [f"model_{i}" for i in range(6)]
     assert [str(w) for w in flow.warnings] == [
+        overlap(path, 3, "triggers[0].Modality", "CT", CT_TERMS, "^CT$"),
         f"{path}:44: models[4].output_mounts: output 'seg4' of model 'model_4' is never used "
         "(read it in another model's inputs, or name it dst* to send it)",
     ]
@@ -778,9 +798,11 @@ def test_network_warning_in_both_spellings(tmp_path: Path) -> None:
   - docker_kwargs:
       image: 'c:1'
       network_disabled: false
+    output_mounts: {dst_c: /output}
   - docker_kwargs:
       image: 'd:1'
       network_disabled: true
+    output_mounts: {dst_d: /output}
 """)
     flow = load_flow(path)
     assert [m.network for m in flow.models] == ["bridge", "none", "bridge", "none"]
@@ -805,6 +827,7 @@ def test_load_flows_collects_the_warnings_of_the_flows_it_loads(tmp_path: Path) 
     assert [str(w) for w in result.warnings] == [
         f"{first}:4: models[0].image: image 'busybox' has a mutable tag ({MUTABLE})",
         f"{first}:5: models[1].network: model 'model_1' can reach the network ({NETWORK})",
+        overlap(last, 1, "triggers[0].Modality", "MR", "Modality MR, SMR", "^MR$"),
         f"{last}:3: models[0].image: image 'e:latest' has a mutable tag ({MUTABLE})",
     ]
     assert result.warnings == [w for f in result.flows for w in f.warnings]
@@ -857,6 +880,8 @@ def test_every_example_loads(tmp_path: Path, section: str, key: Key) -> None:
     base_text = example_flow("flow", Key("name", "text", "", example="example"))
     if section not in ("flow", "destinations[]"):  # compare like with like: no dst output there
         base_text = base_text.replace("\n    outputs: {dst: /output}", "")
+    if section == "docker_kwargs":  # like with like: a RadDeploy model (its spelling, its default mounts)
+        base_text = example_flow(section, Key("image", "text", "", example="'img:1'"))
     base = load_flow(write(tmp_path, base_text, "base.yaml"))
     changed = comparable(dataclasses.replace(flow, source=base.source)) != comparable(base)
     assert changed == ((section, key.name) not in EXAMPLE_IS_THE_DEFAULT), "the example should show a change"
