@@ -263,6 +263,7 @@ raddeploy is running.
   data:         {stack.data_dir}
 Ctrl-C stops everything. A process that dies is restarted; one that keeps dying stops everything.
 """, flush=True)
+    print("\n".join(stack.gpu_summary()) + "\n", flush=True)
     try:
         stack.supervise(stop)
     except StackGaveUp as exc:

@@ -280,15 +280,24 @@ class EmbeddedStack:
         return "the listener's lines above (its output is this command's)"
 
     def _ensure_gpu_pool(self, env: dict[str, str]) -> None:
-        """One slot per GPU of this host, so GPU model tasks are scheduled (or wait visibly)."""
+        """One slot per GPU of this host (or the CPU fallback's), so GPU model tasks are scheduled
+        (or their runs say why they wait)."""
         from raddeploy_provider.airflow_client import AirflowClient
+        from raddeploy_provider.gpu import host_gpu_ids, pool_size
 
-        from raddeploy_provider.gpu import host_gpu_ids
-
-        ids = host_gpu_ids(env)
+        slots, description = pool_size(host_gpu_ids(env), env.get("RADDEPLOY_GPU_FALLBACK", "none").strip().lower())
         client = AirflowClient(self.api_url, "admin", self.passwords()["admin"])
-        client.ensure_pool(env.get("RADDEPLOY_GPU_POOL", "raddeploy_gpu"), len(ids),
-                           f"GPUs of this host ({', '.join(ids) or 'none found'}); one slot each")
+        client.ensure_pool(env.get("RADDEPLOY_GPU_POOL", "raddeploy_gpu"), slots, description)
+
+    def gpu_summary(self) -> list[str]:
+        """The GPUs found and each flow with GPU models (``raddeploy run`` prints it at start-up)."""
+        from raddeploy_provider.flows import load_flows
+        from raddeploy_provider.gpu import host_gpu_ids, summary
+
+        env = self.environment()
+        flows = [(flow.dag_id, [(m.name, m.gpu) for m in flow.models]) for flow in load_flows(self.flows_dir).flows]
+        return summary(env.get("RADDEPLOY_GPU_POOL", "raddeploy_gpu"), host_gpu_ids(env),
+                       env.get("RADDEPLOY_GPU_FALLBACK", "none").strip().lower(), flows)
 
     def _airflow_healthy(self, since: float | None = None) -> bool:
         """All healthy; with ``since`` (epoch seconds), heartbeats after it too: a restarted

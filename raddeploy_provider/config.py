@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from raddeploy_provider.gpu import default_lock_dir
+from raddeploy_provider.gpu import FALLBACK_CHOICES, default_lock_dir
 from raddeploy_provider.store.index import POSTGRES_SCHEMES
 from raddeploy_provider.store.layout import DataDir
 from raddeploy_provider.units import parse_duration, parse_size
@@ -58,6 +58,7 @@ class Settings:
     association_setup_timeout: float  # s from TCP accept to a complete A-ASSOCIATE-RQ (TLS included)
     association_idle_timeout: float  # s an association may stay silent
     gpu_mode: str
+    gpu_fallback: str  # "none" (GPU models wait for a GPU) or "cpu" (they run without one where there is none)
     gpu_lock_dir: Path
     gpu_lease_timeout: float
     model_mem_limit: int
@@ -145,6 +146,7 @@ def load_settings() -> Settings:
         association_setup_timeout=_duration("ASSOCIATION_SETUP_TIMEOUT", "30s"),
         association_idle_timeout=_duration("ASSOCIATION_IDLE_TIMEOUT", "60s"),
         gpu_mode=_choice("GPU_MODE", "device_request", ("device_request", "env")),
+        gpu_fallback=_choice("GPU_FALLBACK", "none", FALLBACK_CHOICES),
         gpu_lock_dir=_path("GPU_LOCK_DIR") or default_lock_dir(),  # private, never a path in /tmp
         gpu_lease_timeout=float(_env("GPU_LEASE_TIMEOUT", "3600")),
         model_mem_limit=_size("MODEL_MEM_LIMIT", str(int(_host_memory() * 0.75))),

@@ -10,6 +10,10 @@
   world-writable (:func:`open_lock_dir`); the default (:func:`default_lock_dir`) is no
   predictable path in ``/tmp``, and a lock file is opened without following a link and
   without truncating it before it is checked.
+- **Hosts without GPUs** (:func:`pool_size`, :func:`shortfall`, :func:`runs_on_cpu`): the pool
+  has no slot and a GPU task would wait for ever, so the sensor says why in the run note;
+  ``RADDEPLOY_GPU_FALLBACK=cpu`` (demos, CI, laptops) gives the pool :data:`FALLBACK_SLOTS`
+  and runs GPU models without a device, telling the container ``RADDEPLOY_GPU_FALLBACK=1``.
 - **The container's share**: the labels that mark a container as holding leased GPUs, and
   the two ways to hand the ids over (a Docker device request, or ``NVIDIA_VISIBLE_DEVICES``
   where NVIDIA's runtime is Docker's default); which left-over containers hold our GPUs.
@@ -38,6 +42,14 @@ GPU_SCOPE_LABEL = "org.raddeploy.gpu-locks"
 #: ``/dev/shm`` of a GPU model unless its flow says: PyTorch data loaders need more than Docker's 64 MiB.
 DEFAULT_GPU_SHM = 2 * 1024**3
 
+#: Pool slots of a host without GPUs under ``RADDEPLOY_GPU_FALLBACK=cpu``: GPU models then run on
+#: the CPU, at most this many GPUs' worth at a time, so a laptop stays usable.
+FALLBACK_SLOTS = 2
+#: ``RADDEPLOY_GPU_FALLBACK``: ``none`` (a GPU task waits for a GPU) or ``cpu``.
+FALLBACK_CHOICES = ("none", "cpu")
+#: What a container is told when it runs on the CPU in place of a GPU.
+FALLBACK_ENV = "RADDEPLOY_GPU_FALLBACK"
+
 _GPU_LINE = re.compile(r"^GPU (\d+):", re.MULTILINE)
 
 
@@ -54,6 +66,55 @@ def host_gpu_ids(env: Mapping[str, str] = os.environ) -> list[str]:
     except (OSError, subprocess.TimeoutExpired):
         return []
     return _GPU_LINE.findall(out)
+
+
+def runs_on_cpu(count: int, device_ids: Sequence[str], fallback: str) -> bool:
+    """Whether a model asking ``count`` GPUs runs without a device: the host has fewer and the
+    deployment allows the CPU fallback."""
+    return count > len(device_ids) and count > 0 and fallback == "cpu"
+
+
+def pool_size(device_ids: Sequence[str], fallback: str) -> tuple[int, str]:
+    """The GPU pool's slots on a one-host deployment, and the pool's description (shown in the UI)."""
+    if device_ids:
+        return len(device_ids), f"GPUs of this host ({', '.join(device_ids)}); one slot each"
+    if fallback == "cpu":
+        return FALLBACK_SLOTS, (f"no GPU on this host: GPU models run on the CPU ({FALLBACK_ENV}=cpu), "
+                                f"{FALLBACK_SLOTS} at a time")
+    return 0, f"no GPU found on this host: GPU models wait (set RADDEPLOY_GPUS, or {FALLBACK_ENV}=cpu)"
+
+
+def shortfall(pool: str, slots: int, models: Iterable[tuple[str, int]]) -> str | None:
+    """Why GPU models of a run will not be scheduled: ``models`` are (task id, GPUs) and the pool has
+    ``slots`` in all; None when every one fits (busy slots are a normal wait, not said here)."""
+    short = [(name, count) for name, count in models if count > slots]
+    if not short:
+        return None
+    needs = ", ".join(f"{name!r} needs {count}" for name, count in short)
+    return (f"waiting for a GPU: pool {pool} has {slots} slot{'' if slots == 1 else 's'}; {needs}; set "
+            f"RADDEPLOY_GPUS (the host's GPU ids) or {FALLBACK_ENV}=cpu to run GPU models on the CPU")
+
+
+def summary(pool: str, device_ids: Sequence[str], fallback: str,
+            flows: Iterable[tuple[str, Sequence[tuple[str, int]]]]) -> list[str]:
+    """What ``raddeploy run`` says at start-up: the GPUs found, and each flow with GPU models.
+
+    ``flows`` are (DAG id, [(model, GPUs), ...]); the lines hold no patient data.
+    """
+    slots, description = pool_size(device_ids, fallback)
+    lines = [f"GPUs: {', '.join(device_ids) if device_ids else 'none found'}; pool {pool}: {slots} slot"
+             f"{'' if slots == 1 else 's'} ({description})"]
+    for dag_id, models in flows:
+        gpu_models = [(name, count) for name, count in models if count]
+        if not gpu_models:
+            continue
+        shown = ", ".join(f"{name} ({count} GPU{'' if count == 1 else 's'})" for name, count in gpu_models)
+        if any(runs_on_cpu(count, device_ids, fallback) for _, count in gpu_models):
+            state = f"runs on the CPU ({FALLBACK_ENV}=cpu)"
+        else:
+            state = shortfall(pool, slots, gpu_models) or "ok"
+        lines.append(f"  flow {dag_id}: {shown}: {state}")
+    return lines
 
 
 class NotEnoughGpus(ValueError):

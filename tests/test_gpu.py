@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from raddeploy_provider import gpu
 from raddeploy_provider.gpu import (
     GPU_LABEL,
     GPU_SCOPE_LABEL,
@@ -263,3 +264,47 @@ def test_orphans_are_the_containers_on_our_ids(tmp_path: Path) -> None:
     assert orphans(listed, ["1", "2"]) == [("a" * 64, ["1"]), ("b" * 64, ["2"])]
     assert orphans(listed, ["3"]) == []
     assert scope_filter(tmp_path) == {"label": f"{GPU_SCOPE_LABEL}={tmp_path}"}
+
+
+# -- hosts without GPUs ------------------------------------------------------------------------
+
+def test_the_cpu_fallback_applies_only_where_the_host_has_too_few_gpus_and_it_is_allowed() -> None:
+    assert gpu.runs_on_cpu(1, [], "cpu")
+    assert gpu.runs_on_cpu(2, ["0"], "cpu")
+    assert not gpu.runs_on_cpu(1, ["0"], "cpu")  # a GPU there: it is used
+    assert not gpu.runs_on_cpu(1, [], "none")  # not allowed: the task waits
+    assert not gpu.runs_on_cpu(0, [], "cpu")  # a CPU model is no fallback
+
+
+def test_pool_size_one_slot_per_gpu_or_the_fallback_slots() -> None:
+    assert gpu.pool_size(["0", "1"], "none")[0] == 2
+    assert gpu.pool_size(["0", "1"], "cpu")[0] == 2
+    assert gpu.pool_size([], "cpu") == (gpu.FALLBACK_SLOTS, "no GPU on this host: GPU models run on the CPU "
+                                        f"(RADDEPLOY_GPU_FALLBACK=cpu), {gpu.FALLBACK_SLOTS} at a time")
+    slots, description = gpu.pool_size([], "none")
+    assert slots == 0 and "RADDEPLOY_GPUS" in description and "RADDEPLOY_GPU_FALLBACK=cpu" in description
+
+
+def test_shortfall_names_the_pool_its_slots_the_models_and_what_to_set() -> None:
+    assert gpu.shortfall("raddeploy_gpu", 2, [("seg", 1), ("refine", 2)]) is None  # busy slots are no shortfall
+    assert gpu.shortfall("raddeploy_gpu", 0, [("fold_0", 1), ("merge", 0)]) == (
+        "waiting for a GPU: pool raddeploy_gpu has 0 slots; 'fold_0' needs 1; set RADDEPLOY_GPUS (the host's GPU "
+        "ids) or RADDEPLOY_GPU_FALLBACK=cpu to run GPU models on the CPU")
+    assert gpu.shortfall("p", 1, [("a", 1), ("b", 3)]).startswith("waiting for a GPU: pool p has 1 slot; 'b' needs 3;")
+
+
+def test_start_up_summary_lists_flows_with_gpu_models_and_what_they_will_do() -> None:
+    flows = [("ensemble", [("fold_0", 1), ("merge", 0)]), ("threshold", [("threshold", 0)]), ("big", [("x", 3)])]
+    assert gpu.summary("raddeploy_gpu", [], "none", flows) == [
+        "GPUs: none found; pool raddeploy_gpu: 0 slots (no GPU found on this host: GPU models wait (set "
+        "RADDEPLOY_GPUS, or RADDEPLOY_GPU_FALLBACK=cpu))",
+        "  flow ensemble: fold_0 (1 GPU): " + gpu.shortfall("raddeploy_gpu", 0, [("fold_0", 1)]),
+        "  flow big: x (3 GPUs): " + gpu.shortfall("raddeploy_gpu", 0, [("x", 3)]),
+    ]
+    on_cpu = gpu.summary("raddeploy_gpu", [], "cpu", flows)
+    assert on_cpu[1:] == ["  flow ensemble: fold_0 (1 GPU): runs on the CPU (RADDEPLOY_GPU_FALLBACK=cpu)",
+                          "  flow big: x (3 GPUs): runs on the CPU (RADDEPLOY_GPU_FALLBACK=cpu)"]
+    assert gpu.summary("raddeploy_gpu", ["0", "1"], "none", flows)[1:] == [
+        "  flow ensemble: fold_0 (1 GPU): ok",
+        "  flow big: x (3 GPUs): " + gpu.shortfall("raddeploy_gpu", 2, [("x", 3)]),
+    ]

@@ -29,6 +29,7 @@ sequence item (an Icon Image Sequence), which pydicom does not decode.
 
 from __future__ import annotations
 
+import os
 import struct
 from io import BytesIO
 from pathlib import Path
@@ -38,7 +39,8 @@ from pydicom import dcmread
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
+from pydicom.filereader import read_file_meta_info
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.pixels import decompress, get_decoder
 from pydicom.uid import (
     UID,
@@ -48,9 +50,11 @@ from pydicom.uid import (
     JPEGExtended12Bit,
 )
 
-__all__ = ["CannotConvert", "uncompressed"]
+__all__ = ["CannotConvert", "uncompressed", "uncompressed_file", "UNCOMPRESSED_SYNTAXES"]
 
 _TARGETS = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+#: What a reader without codecs reads as is: the two uncompressed little endian syntaxes.
+UNCOMPRESSED_SYNTAXES = frozenset(_TARGETS)
 _UNCOMPRESSED = "the node accepts only uncompressed syntaxes"
 # Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2)
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
@@ -106,6 +110,29 @@ def uncompressed(path: Path, transfer_syntax: str = ExplicitVRLittleEndian) -> b
     except Exception as exc:
         raise CannotConvert(f"the data set cannot be encoded in {UID(transfer_syntax).name}: {exc}") from exc
     return out.getvalue()
+
+
+def uncompressed_file(source: Path, target: Path) -> None:
+    """Write ``source`` to ``target`` as a Part 10 file in Explicit VR Little Endian (pixel data
+    decompressed, File Meta copied with the new Transfer Syntax UID), through a temporary file
+    in the same folder, so ``target`` is whole or absent. :class:`CannotConvert` as
+    :func:`uncompressed` raises it."""
+    try:
+        data = uncompressed(source, ExplicitVRLittleEndian)
+    except CannotConvert as exc:  # said of a node; here it is the model's input
+        raise CannotConvert(str(exc).removesuffix(f"; {_UNCOMPRESSED}")) from None
+    try:
+        meta = read_file_meta_info(source)
+    except Exception as exc:
+        raise CannotConvert(f"the File Meta group cannot be read: {exc}") from exc
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = True, False
+    write_file_meta_info(out, meta, enforce_standard=True)
+    partial = target.with_name(f".{target.name}.partial")
+    with open(partial, "wb") as fp:
+        fp.write(b"\x00" * 128 + b"DICM" + out.getvalue() + data)
+    os.replace(partial, target)
 
 
 def _decompress(ds: Dataset, syntax: UID, path: Path) -> None:

@@ -75,6 +75,7 @@ class InputSpec:
 
     layout: tuple[str, ...] = ()  # () = flat; else keywords naming nested folders
     whole_series: bool = True
+    transfer_syntax: str = "as_received"  # or "uncompressed": decompressed Explicit VR Little Endian copies
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,10 @@ INPUT = (
     Key("layout", "layout", "`flat`, or DICOM keywords whose values name nested folders in the input.",
         "flat", "[Modality, SeriesInstanceUID]"),
     Key("whole_series", "bool", "A matched instance brings every instance of its series.", "true", "false"),
+    Key("transfer_syntax", "choice", "`uncompressed`: the models get decompressed Explicit VR Little Endian copies of "
+        "instances received compressed (JPEG, JPEG 2000, JPEG-LS, RLE, deflated, big endian), so a model that reads "
+        "DICOM without codecs works; `as_received`: the files as the sender sent them.", "as_received",
+        "uncompressed", choices=("as_received", "uncompressed")),
 )
 
 MODEL = (

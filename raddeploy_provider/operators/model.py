@@ -188,9 +188,17 @@ class ModelOperator(DockerOperator):
         if self.model.pull == "never" and not self.hook.api_client.images(name=self.image):
             raise AirflowFailException(f"image {self.image} is not on this host and the flow says `pull: never`: "
                                        "load or build it on every worker first")
+        devices = gpu.host_gpu_ids() if self.model.gpu else []  # no nvidia-smi probe for CPU models
+        wanted = self.model.gpu
+        if gpu.runs_on_cpu(wanted, devices, settings.gpu_fallback):
+            self.log.warning("model %s asks for %d GPU(s) and this host has %d: running it on the CPU "
+                             "(RADDEPLOY_GPU_FALLBACK=cpu); the container gets %s=1", self.task_id, wanted,
+                             len(devices), gpu.FALLBACK_ENV)
+            self.environment[gpu.FALLBACK_ENV] = "1"
+            record["gpu_fallback"] = "cpu"
+            wanted = 0
         try:
-            devices = gpu.host_gpu_ids() if self.model.gpu else []  # no nvidia-smi probe for CPU models
-            lease = gpu.GpuLease(devices, self.model.gpu, settings.gpu_lock_dir,
+            lease = gpu.GpuLease(devices, wanted, settings.gpu_lock_dir,
                                  settings.gpu_lease_timeout, on_wait=self.log.info)
         except gpu.NotEnoughGpus as exc:  # no retry: more GPUs will not appear
             raise AirflowFailException(f"model {self.task_id}: {exc}") from None

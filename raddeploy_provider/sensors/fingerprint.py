@@ -10,13 +10,14 @@ from typing import Any
 from airflow.sdk import BaseSensorOperator, Context
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
+from raddeploy_provider import gpu
 from raddeploy_provider.completion import readiness
 from raddeploy_provider.config import load_settings
 from raddeploy_provider.flows import Flow
 from raddeploy_provider.flows.matching import select_inputs
 from raddeploy_provider.store import StoredInstance, StudyStore, manifest, snapshot
 from raddeploy_provider.triggers.study_ready import StudyReadyTrigger
-from raddeploy_provider.utils.run_note import set_run_note
+from raddeploy_provider.utils.run_note import pool_slots, set_run_note
 from raddeploy_provider.utils.runs import run_dir, study_uid
 
 
@@ -99,13 +100,21 @@ class FingerprintSensor(BaseSensorOperator):
         raise AirflowSkipException(message)
 
     def _take_input(self, context: Context, uid: str) -> dict[str, Any]:
+        from raddeploy_provider.dicom.transcode import CannotConvert  # pydicom's codecs: not at DAG parse
+
         store = self.store
         instances = store.index.close_run(self.flow.dag_id, context["run_id"], uid)
         chosen = [instances[i] for i in select_inputs(self.flow, [(x.series_uid, x.tags) for x in instances])]
         if not chosen:
             raise AirflowException(f"study {uid} has no instance any trigger matches")
         run = run_dir(context)
-        made = snapshot(chosen, store.layout.root, run.input, self.flow.input.layout)
+        try:
+            made = snapshot(chosen, store.layout.root, run.input, self.flow.input.layout,
+                            uncompressed=self.flow.input.transfer_syntax == "uncompressed")
+        except CannotConvert as exc:  # no retry: the same file fails the same way
+            raise AirflowFailException(f"an input instance cannot be given uncompressed: {exc}. Its sender's "
+                                       "transfer syntax needs a codec we lack: have it send uncompressed, or "
+                                       "remove `input.transfer_syntax: uncompressed` if the model has codecs") from None
         series = sorted({x.series_uid for x in chosen})
         manifest.record(run, manifest.RUN_PART, {
             "flow": {"dag_id": self.flow.dag_id, "name": self.flow.name, "version": self.flow.version,
@@ -115,10 +124,23 @@ class FingerprintSensor(BaseSensorOperator):
         })
         summary = {"study_uid": uid, "instances": len(made), "series": series}
         self.log.info("input ready: %d instances of %d series", len(made), len(series))
-        set_run_note(self.flow.dag_id, context["run_id"],
-                     f"Flow {' '.join(filter(None, (self.flow.name, self.flow.version)))}: "
-                     f"input {len(made)} instances, {len(series)} series")
+        note = (f"Flow {' '.join(filter(None, (self.flow.name, self.flow.version)))}: "
+                f"input {len(made)} instances, {len(series)} series")
+        waiting = self._gpu_shortfall()
+        if waiting:  # the model tasks will sit in "scheduled": say why where people look
+            self.log.warning("%s", waiting)
+            note += f". {waiting[0].upper()}{waiting[1:]}"
+        set_run_note(self.flow.dag_id, context["run_id"], note)
         return summary
+
+    def _gpu_shortfall(self) -> str | None:
+        """Why the flow's GPU models will not be scheduled (the GPU pool is too small for them), or None."""
+        models = [(m.name, m.gpu) for m in self.flow.models if m.gpu]
+        if not models:
+            return None
+        settings = load_settings()
+        slots = pool_slots(settings.gpu_pool)
+        return None if slots is None else gpu.shortfall(settings.gpu_pool, slots, models)
 
 
 def _sender(instances: list[StoredInstance]) -> dict[str, Any]:

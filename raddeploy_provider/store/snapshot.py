@@ -60,14 +60,27 @@ def input_path(inst: Named, layout: Sequence[str] = ()) -> Path:
 
 
 def snapshot(instances: Sequence[StoredInstance], data_root: Path, dest: Path,
-             layout: Sequence[str] = ()) -> list[Path]:
-    """Link ``instances`` into ``dest``; idempotent, so a retried sensor does not fail."""
+             layout: Sequence[str] = (), uncompressed: bool = False) -> list[Path]:
+    """Link ``instances`` into ``dest``; idempotent, so a retried sensor does not fail.
+
+    ``uncompressed`` (the flow's ``input.transfer_syntax: uncompressed``): an instance received
+    in another transfer syntax than the two uncompressed little endian ones is written there as
+    a decompressed Explicit VR Little Endian copy (:func:`~raddeploy_provider.dicom.transcode.
+    uncompressed_file`; :class:`~raddeploy_provider.dicom.transcode.CannotConvert` names why not),
+    so a model without JPEG 2000, JPEG-LS or RLE codecs reads it; the stored file is unchanged.
+    """
+    from raddeploy_provider.dicom.transcode import UNCOMPRESSED_SYNTAXES, uncompressed_file
+
     dest.mkdir(parents=True, exist_ok=True)
     made = []
     for inst in instances:
         target = dest / input_path(inst, layout)
         target.parent.mkdir(parents=True, exist_ok=True)
         source = data_root / inst.path
+        if uncompressed and inst.transfer_syntax not in UNCOMPRESSED_SYNTAXES:
+            uncompressed_file(source, target)  # replaces a copy a failed try left
+            made.append(target)
+            continue
         if target.exists():
             if os.path.samefile(source, target):
                 made.append(target)

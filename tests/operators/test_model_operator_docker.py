@@ -537,3 +537,76 @@ def test_manifest_after_success_and_runs_show(env: SimpleNamespace, capsys: pyte
     shown = json.loads(out[out.index('{\n  "'):])
     assert (shown["dag_id"], shown["run_id"]) == (FLOW, env.run_id)
     assert shown["tasks"]["seg"] == record
+
+
+def test_cpu_fallback_runs_a_gpu_model_without_a_device_and_tells_it(env: SimpleNamespace,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """RADDEPLOY_GPU_FALLBACK=cpu on a host without GPUs: no lease, no device, the container is told."""
+    monkeypatch.setenv("RADDEPLOY_GPU_FALLBACK", "cpu")
+    thread, seen = watch(env.api, f"{FLOW}/{env.run_id}/fold")
+    result = model_op("fold", gpu=1, command=sh("sleep 1; echo \"$RADDEPLOY_GPU_FALLBACK:${NVIDIA_VISIBLE_DEVICES:-}\" "
+                                                 "> /output/where")).execute(env.context)
+    thread.join()
+    assert (env.run / "dst" / "where").read_text() == "1:\n"
+    assert result["gpus"] == [] and not seen["HostConfig"].get("DeviceRequests")
+    assert GPU_LABEL not in seen["Config"]["Labels"]
+    assert task_manifest(env, "fold")["gpu_fallback"] == "cpu"
+    assert not env.locks.exists() or not list(env.locks.iterdir())  # no lease taken
+
+
+def test_without_the_fallback_a_gpu_model_on_a_host_without_gpus_fails_saying_what_to_set(
+        env: SimpleNamespace) -> None:
+    with pytest.raises(AirflowFailException) as info:
+        model_op("fold", gpu=1, command=sh("true")).execute(env.context)
+    assert "this host has 0 (none)" in str(info.value)
+
+
+def test_a_model_without_codecs_reads_the_uncompressed_copies_of_compressed_inputs(env: SimpleNamespace) -> None:
+    """input.transfer_syntax: uncompressed. The model is Debian's pydicom 2.3 with numpy and no codec
+    (no GDCM, no pylibjpeg, no Pillow in raddeploy/base): it fails on the files as received and reads
+    the sensor's copies, whose pixels equal what the provider's codecs decode."""
+    import hashlib
+
+    import numpy
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from raddeploy_provider.store import StoredInstance, snapshot
+
+    samples = {"JPEG 2000": "MR_small_jp2klossless.dcm", "JPEG-LS": "MR_small_jpeg_ls_lossless.dcm",
+               "RLE": "MR_small_RLE.dcm", "JPEG 2000 lossy": "JPEG2000.dcm"}
+    stored, expected = env.run.parent / "stored", {}
+    stored.mkdir()
+    instances = []
+    for name, sample in samples.items():
+        ds = pydicom.dcmread(get_testdata_file(sample))
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()  # MR_small_*: one image
+        ds.save_as(stored / sample)  # pixel data as it was, compressed
+        expected[ds.SOPInstanceUID] = hashlib.sha256(numpy.ascontiguousarray(ds.pixel_array).tobytes()).hexdigest()
+        instances.append(StoredInstance(
+            sop_uid=ds.SOPInstanceUID, study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID,
+            sop_class_uid=ds.SOPClassUID, transfer_syntax=ds.file_meta.TransferSyntaxUID, path=sample, size=1,
+            sha256="", received_at=0.0, tags={"Modality": ds.Modality}))
+    (env.run / "input" / "CT.1.dcm").unlink()
+    read = ("import json,sys,hashlib,pathlib,pydicom,numpy\n"
+            "out={}\n"
+            "for p in sorted(pathlib.Path('/input').iterdir()):\n"
+            "    ds=pydicom.dcmread(str(p))\n"
+            "    try: out[ds.SOPInstanceUID]=hashlib.sha256(numpy.ascontiguousarray(ds.pixel_array).tobytes()).hexdigest()\n"
+            "    except Exception as e: out[ds.SOPInstanceUID]='cannot: '+type(e).__name__\n"
+            "json.dump(out,open('/output/read.json','w'))\n")
+
+    snapshot(instances, stored, env.run / "input")  # as received: the model cannot decode them
+    model_op("as_received", image=BASE, command=["python3", "-c", read]).execute(env.context)
+    as_received = json.loads((env.run / "dst" / "read.json").read_text())
+    assert sorted(sop for sop, value in as_received.items() if value.startswith("cannot")) == sorted(
+        sop for sop, inst in zip(expected, instances) if "RLE" not in inst.transfer_syntax.name)  # RLE: pydicom's own
+
+    shutil.rmtree(env.run / "input")
+    made = snapshot(instances, stored, env.run / "input", uncompressed=True)
+    model_op("uncompressed", image=BASE, command=["python3", "-c", read]).execute(env.context)
+    assert json.loads((env.run / "dst" / "read.json").read_text()) == expected
+    for path in made:
+        meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
+        assert meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian and path.stat().st_nlink == 1
+    assert all(pydicom.dcmread(stored / s).file_meta.TransferSyntaxUID.is_compressed for s in samples.values())
