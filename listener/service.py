@@ -43,6 +43,7 @@ class Listener:
         self.outbox = OutboxDelivery(self.store.index, self.client, give_up_after=settings.outbox_give_up)
         self._stopping = threading.Event()
         self._hasher = threading.Thread(target=self._hash_when_idle, name="hasher", daemon=True)
+        self._watcher = threading.Thread(target=self._watch_flows, name="flows", daemon=True)
         allow = AllowList.parse(settings.allowed_calling_aets, settings.allowed_networks)
         policy = AcceptPolicy(
             settings.ae_title, check_called_ae=settings.check_called_ae,
@@ -116,6 +117,7 @@ class Listener:
         self.flows.current()
         self.outbox.start()  # replays whatever a previous process left pending
         self._hasher.start()
+        self._watcher.start()
         self.server.start()
 
     def stop(self) -> None:
@@ -123,7 +125,17 @@ class Listener:
         self.outbox.stop()
         self._stopping.set()
         self._hasher.join(timeout=10)
+        self._watcher.join(timeout=10)
         self.store.index.close()
+
+    def _watch_flows(self) -> None:
+        """Reload a changed flows folder as it changes, not at the next association: a new flow
+        matches the first instance after it, and a broken file's error is logged when it is saved."""
+        while not self._stopping.wait(self.flows.interval):
+            try:
+                self.flows.current()
+            except Exception:  # a folder gone or unreadable for a moment: the next look says
+                log.exception("flows folder %s could not be read", self.settings.flows_dir)
 
     def _hash_when_idle(self) -> None:
         """Record the files' sha256 while no association is sending (or every 30 s at least):

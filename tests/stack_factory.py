@@ -27,6 +27,8 @@ from raddeploy_provider.units import slug
 
 #: The listener's log line for an association the sender released (listener/association.py).
 RELEASED = re.compile(r"association from \S*@\S+ released after (\d+) instances")
+#: The listener's log line for the flows it (re)loaded (raddeploy_provider/flows/registry.py).
+LOADED = re.compile(r"flows loaded: \d+ valid \(([^)]*)\)")
 
 
 @contextmanager
@@ -96,6 +98,7 @@ def add_flow(stack: EmbeddedStack, airflow, file_name: str, text: str, dag_id: s
     why). Returns the DAG's JSON."""
     dag_path = f"/api/v2/dags/{urllib.parse.quote(dag_id, safe='')}"
     assert airflow.get(dag_path)[0] == 404, f"DAG {dag_id} exists before its flow file: stale stack?"
+    loads_before = len(LOADED.findall(listener_log(stack)))
     tmp = stack.flows_dir / f".{file_name}.tmp"
     tmp.write_text(text)
     tmp.rename(stack.flows_dir / file_name)
@@ -109,7 +112,19 @@ def add_flow(stack: EmbeddedStack, airflow, file_name: str, text: str, dag_id: s
         assert bad_status != 200, f"the flow file {file_name} did not load: {bad.get('description')}"
         return None
 
-    return wait_for(parsed, timeout, f"Airflow to parse DAG {dag_id}", interval=0.5)
+    dag = wait_for(parsed, timeout, f"Airflow to parse DAG {dag_id}", interval=0.5)
+    # ... and the listener to match against it: it reloads changed flow files every 2 s
+    wait_for(lambda: any(dag_id in names.split(", ") for names in LOADED.findall(listener_log(stack))[loads_before:]),
+             timeout, f"the listener to load flow {dag_id}", interval=0.2)
+    return dag
+
+
+def listener_log(stack) -> str:
+    """What the listener logged: its log file (embedded stack) or its container's output (compose)."""
+    if hasattr(stack, "logs"):
+        return stack.logs("listener", tail=5000)
+    path = stack.logs_dir / "listener.log"
+    return path.read_text(errors="replace") if path.exists() else ""
 
 
 def run_path(dag_id: str, run_id: str) -> str:
@@ -132,3 +147,10 @@ def task_instances(airflow, dag_id: str, run_id: str) -> dict[str, dict]:
     status, body = airflow.get(f"{run_path(dag_id, run_id)}/taskInstances")
     assert status == 200, body
     return {ti["task_id"]: ti for ti in body["task_instances"]}
+
+
+def task_log(airflow, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> str:
+    """The task's log of one try, as the UI shows it (REST), as text."""
+    status, body = airflow.get(f"{run_path(dag_id, run_id)}/taskInstances/{task_id}/logs/{try_number}")
+    assert status == 200, body
+    return str(body)

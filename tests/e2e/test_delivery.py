@@ -16,7 +16,7 @@ from pydicom import dcmread
 from dicom_factory import make_series
 from orthanc import Orthanc
 from peers import storescu, wait_for
-from stack_factory import add_flow, run_finished, run_path, task_instances
+from stack_factory import add_flow, run_finished, run_path, task_instances, task_log
 from raddeploy_provider import __version__
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
@@ -91,12 +91,6 @@ def flows(stack, airflow, orthanc, destination):
 
 def task_states(airflow, dag_id: str, run_id: str) -> dict[str, str]:
     return {task_id: ti["state"] for task_id, ti in task_instances(airflow, dag_id, run_id).items()}
-
-
-def task_log(airflow, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> str:
-    status, body = airflow.get(f"{run_path(dag_id, run_id)}/taskInstances/{task_id}/logs/{try_number}")
-    assert status == 200, body
-    return str(body)
 
 
 def push(stack, tmp_path, description: str):

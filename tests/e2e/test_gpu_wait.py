@@ -1,0 +1,56 @@
+"""A GPU model its host cannot run, without the CPU fallback: the run says why it waits.
+
+The session stack has two (pretend) GPUs and no RADDEPLOY_GPU_FALLBACK; a model asking for three
+can never be scheduled from a pool of two slots, exactly as a `gpu: true` model on a host without
+GPUs (a pool of none). Airflow leaves such a task in `scheduled` and says nothing; the sensor says
+it in the run note and in its own task log.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from dicom_factory import make_series
+from peers import storescu, wait_for
+from stack_factory import add_flow, run_path, task_instances, task_log
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+
+DAG_ID = "e2e_gpu_wait"
+FLOW = f"""
+name: E2E GPU wait
+id: {DAG_ID}
+triggers:
+  - SeriesDescription: "E2E gpu wait"
+grouping: {{quiet_period: 1s}}
+models:
+  - name: huge
+    image: raddeploy/busybox:latest
+    command: ["sh", "-c", "cp /input/* /output/"]
+    gpu: 3
+    inputs: {{src: /input}}
+    outputs: {{dst: /output}}
+"""
+WHY = ("waiting for a GPU: pool raddeploy_gpu has 2 slots; 'huge' needs 3; set RADDEPLOY_GPUS (the host's GPU ids) "
+       "or RADDEPLOY_GPU_FALLBACK=cpu to run GPU models on the CPU")
+
+
+def test_a_gpu_task_that_cannot_be_scheduled_says_why_in_the_note_and_the_log(stack, airflow, tmp_path):
+    add_flow(stack, airflow, "gpu_wait.yaml", FLOW, DAG_ID)
+    series = make_series(tmp_path / "ct", slices=2, size=16, description="E2E gpu wait")
+    assert storescu(stack.dicom_port, series.files).returncode == 0
+    run_id = f"{series.study_uid}.1"
+
+    def noted():
+        status, run = airflow.get(run_path(DAG_ID, run_id))
+        return run if status == 200 and WHY[1:] in (run.get("note") or "") else None
+
+    run = wait_for(noted, 120, "the run note to say why the GPU task waits")
+    assert run["note"].startswith("Flow E2E GPU wait: input 2 instances, 1 series. Waiting for a GPU: pool")
+    tasks = task_instances(airflow, DAG_ID, run_id)
+    assert tasks["fingerprint"]["state"] == "success"
+    assert tasks["huge"]["state"] in ("scheduled", None)  # never queued: the pool cannot hold it
+    assert WHY in task_log(airflow, DAG_ID, run_id, "fingerprint")
+    # leave no run waiting in the session stack
+    status, _ = airflow._request("PATCH", run_path(DAG_ID, run_id), {"state": "failed"})
+    assert status == 200
