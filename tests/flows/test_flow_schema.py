@@ -934,3 +934,26 @@ def test_flows_that_change_identities_say_so_and_are_warned_about(tmp_path: Path
     assert [w.field for w in anon.warnings] == ["new_patient"]
     with pytest.raises(FlowError, match=r"new_study: unknown choice 'yes' \(use one of refused, allowed\)"):
         load_flow(write(tmp_path, head + "    new_study: 'yes'\n", "bad.yaml"))
+
+
+def test_raddeploy_model_without_mounts_has_raddeploys_defaults_and_its_results_are_sent(tmp_path: Path) -> None:
+    """RadDeploy's simplest flow with a destination: its model reads /input and /output is sent."""
+    flow = load_flow(write(tmp_path, """
+        triggers:
+          - Modality: ["^CT$"]
+        models:
+          - docker_kwargs:
+              image: "seg:1"
+        destinations:
+          - {host: tps, port: 104, ae_title: TPS}
+    """))
+    (model,) = flow.models
+    assert (model.inputs, model.outputs, model.sent_outputs) == ({"src": "/input"}, {"dst": "/output"}, ["dst"])
+    assert flow.warnings == ()  # anchored: no overlap warning
+    # a native model gives its mounts itself: without them nothing is sent, and that is an error
+    assert error_of(tmp_path, """
+        triggers: [{Modality: CT}]
+        models: [{image: "seg:1"}]
+        destinations: [{host: tps, port: 104, ae_title: TPS}]
+    """) == ("F:3: destinations: results go somewhere, but no model writes a `dst` output "
+             "(name the output to send `dst` (or `dst_<something>`))")
