@@ -232,6 +232,35 @@ def cmd_graph(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_try(args: argparse.Namespace) -> int:
+    from raddeploy import trial
+
+    return trial.run(Path(args.flow), Path(args.dicom_dir), keep=Path(args.keep) if args.keep else None,
+                     model=args.model)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from raddeploy.demo import run_demo
+
+    try:
+        outcome = run_demo(host=args.host, port=args.port, ae_title=args.ae_title, ui_url=args.ui,
+                           receive_port=args.receive_port, timeout=args.timeout,
+                           keep=Path(args.keep).absolute() if args.keep else None,
+                           say=lambda line: print(line, flush=True))
+    except RuntimeError as exc:
+        print(f"raddeploy demo: {exc}", file=sys.stderr)
+        return 1
+    for problem in outcome.problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    if not outcome.passed:
+        return 1
+    print(f"""
+The RTSTRUCT passed the checks ({outcome.received} results received in all).
+See the run in the Airflow UI: {outcome.run_url}
+  (Graph: fingerprint -> body_contour -> send; each task's log; the run note says what it did)""")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from raddeploy.embedded import EmbeddedStack, StackGaveUp
 
@@ -511,6 +540,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("flow", help="a flow file")
     p.set_defaults(func=cmd_graph)
 
+    from raddeploy import trial
+
+    p = sub.add_parser("try", help=trial.HELP, description=trial.DESCRIPTION, epilog=trial.EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("flow", help="a flow file")
+    p.add_argument("dicom_dir", help="a folder of one study's DICOM files (searched recursively) or one file")
+    p.add_argument("--keep", metavar="DIR", help="a new or empty folder to hold the trial's data dir and run "
+                                                "folder afterwards (default: a temporary one, removed)")
+    p.add_argument("--model", metavar="NAME", help="run only this model and the models it reads from")
+    p.set_defaults(func=cmd_try)
+
     p = sub.add_parser("runs", help="what runs used and produced (their manifests)")
     runs = p.add_subparsers(dest="runs_command", required=True)
     p = runs.add_parser("show", help="print the manifest of a run (RADDEPLOY_DATA)")
@@ -546,6 +586,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ae-title", default="RADDEPLOY")
     p.add_argument("--api-port", type=int, default=8080, help="Airflow API/UI port (default: 8080)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="against a running `raddeploy run`: push a synthetic CT phantom, receive the "
+                       "body-contour RTSTRUCT, check it, say where to look in the UI")
+    p.add_argument("--host", default="127.0.0.1", help="the listener's host (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=11112, help="its DICOM port (default: 11112, as `raddeploy run`)")
+    p.add_argument("--ae-title", default="RADDEPLOY", help="its AE title (default: RADDEPLOY)")
+    p.add_argument("--ui", default="http://127.0.0.1:8080", help="the Airflow UI (default: http://127.0.0.1:8080)")
+    p.add_argument("--receive-port", type=int, default=11113, help="where the results arrive: the body_contour "
+                   "flow's destination (default: 11113)")
+    p.add_argument("--timeout", type=float, default=300, help="seconds to wait for the RTSTRUCT (default: 300)")
+    p.add_argument("--keep", metavar="DIR", help="keep the phantom and what arrived in DIR")
+    p.set_defaults(func=cmd_demo)
 
     args = parser.parse_args(argv)
     configure_logging(args.verbose)

@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from airflow.sdk import DAG, get_parsing_context
 
-from raddeploy_provider.config import load_settings
+from raddeploy_provider.config import Settings, load_settings
 from raddeploy_provider.flows import Flow, FlowError, id_cache, load_flow, load_flows
 from raddeploy_provider.flows.graph import SENSOR_TASK, return_task_id, send_task_id, task_edges
+from raddeploy_provider.flows.model import ModelSpec
 from raddeploy_provider.operators.dicom_send import DicomSendOperator
 from raddeploy_provider.operators.model import ModelOperator
 from raddeploy_provider.sensors.fingerprint import FingerprintSensor
@@ -25,6 +27,24 @@ log = logging.getLogger(__name__)
 
 SEND_RETRIES = 3
 MAX_ACTIVE_RUNS = 256
+
+
+def model_task(flow: Flow, model: ModelSpec, settings: Settings, **kwargs: Any) -> ModelOperator:
+    """The task of one model of ``flow``: the one home of its operator's arguments, shared by
+    :func:`build_dag` and ``raddeploy try`` (``kwargs``: further BaseOperator arguments)."""
+    gpu = {"pool": settings.gpu_pool, "pool_slots": model.gpu, "queue": settings.gpu_queue} if model.gpu else {}
+    return ModelOperator(
+        task_id=model.name,
+        model=model,
+        flow_id=flow.dag_id,
+        flow_version=flow.version,
+        flow_extra=flow.extra,
+        provenance=flow.provenance,
+        retries=model.retries,
+        execution_timeout=timedelta(seconds=model.timeout) if model.timeout else None,
+        **gpu,
+        **kwargs,
+    )
 
 
 def build_dag(flow: Flow) -> DAG:
@@ -55,19 +75,7 @@ def build_dag(flow: Flow) -> DAG:
                                    **weight)
         tasks = {}
         for model in flow.models:
-            gpu = {"pool": settings.gpu_pool, "pool_slots": model.gpu, "queue": settings.gpu_queue} if model.gpu else {}
-            tasks[model.name] = ModelOperator(
-                task_id=model.name,
-                model=model,
-                flow_id=flow.dag_id,
-                flow_version=flow.version,
-                flow_extra=flow.extra,
-                provenance=flow.provenance,
-                retries=model.retries,
-                execution_timeout=timedelta(seconds=model.timeout) if model.timeout else None,
-                **gpu,
-                **weight,
-            )
+            tasks[model.name] = model_task(flow, model, settings, **weight)
         senders = [m for m in flow.models if m.sent_outputs]
         send_args = dict(sources=[out for m in senders for out in m.sent_outputs], check_patient=not flow.new_patient,
                          check_study=not flow.new_study, retries=SEND_RETRIES,

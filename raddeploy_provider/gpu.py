@@ -84,15 +84,19 @@ def pool_size(device_ids: Sequence[str], fallback: str) -> tuple[int, str]:
     return 0, f"no GPU found on this host: GPU models wait (set RADDEPLOY_GPUS, or {FALLBACK_ENV}=cpu)"
 
 
-def shortfall(pool: str, slots: int, models: Iterable[tuple[str, int]]) -> str | None:
+def shortfall(pool: str, slots: int, models: Iterable[tuple[str, int]], fallback: str = "none") -> str | None:
     """Why GPU models of a run will not be scheduled: ``models`` are (task id, GPUs) and the pool has
     ``slots`` in all; None when every one fits (busy slots are a normal wait, not said here)."""
     short = [(name, count) for name, count in models if count > slots]
     if not short:
         return None
     needs = ", ".join(f"{name!r} needs {count}" for name, count in short)
-    return (f"waiting for a GPU: pool {pool} has {slots} slot{'' if slots == 1 else 's'}; {needs}; set "
-            f"RADDEPLOY_GPUS (the host's GPU ids) or {FALLBACK_ENV}=cpu to run GPU models on the CPU")
+    if fallback == "cpu":  # already on: the CPU fallback's pool holds FALLBACK_SLOTS GPUs' worth
+        todo = (f"{FALLBACK_ENV}=cpu runs at most {slots} GPUs' worth at a time: give the model `gpu: {slots}` "
+                "or fewer, or set RADDEPLOY_GPUS on a host that has the GPUs")
+    else:
+        todo = f"set RADDEPLOY_GPUS (the host's GPU ids) or {FALLBACK_ENV}=cpu to run GPU models on the CPU"
+    return f"waiting for a GPU: pool {pool} has {slots} slot{'' if slots == 1 else 's'}; {needs}; {todo}"
 
 
 def summary(pool: str, device_ids: Sequence[str], fallback: str,
@@ -109,10 +113,13 @@ def summary(pool: str, device_ids: Sequence[str], fallback: str,
         if not gpu_models:
             continue
         shown = ", ".join(f"{name} ({count} GPU{'' if count == 1 else 's'})" for name, count in gpu_models)
-        if any(runs_on_cpu(count, device_ids, fallback) for _, count in gpu_models):
+        problem = shortfall(pool, slots, gpu_models, fallback)
+        if problem:
+            state = problem
+        elif any(runs_on_cpu(count, device_ids, fallback) for _, count in gpu_models):
             state = f"runs on the CPU ({FALLBACK_ENV}=cpu)"
         else:
-            state = shortfall(pool, slots, gpu_models) or "ok"
+            state = "ok"
         lines.append(f"  flow {dag_id}: {shown}: {state}")
     return lines
 

@@ -303,7 +303,11 @@ def test_start_up_summary_lists_flows_with_gpu_models_and_what_they_will_do() ->
     ]
     on_cpu = gpu.summary("raddeploy_gpu", [], "cpu", flows)
     assert on_cpu[1:] == ["  flow ensemble: fold_0 (1 GPU): runs on the CPU (RADDEPLOY_GPU_FALLBACK=cpu)",
-                          "  flow big: x (3 GPUs): runs on the CPU (RADDEPLOY_GPU_FALLBACK=cpu)"]
+                          "  flow big: x (3 GPUs): " + gpu.shortfall("raddeploy_gpu", 2, [("x", 3)], "cpu")]
+    # with the fallback on, the advice is not to turn it on
+    assert gpu.shortfall("raddeploy_gpu", 2, [("x", 3)], "cpu").endswith(
+        "'x' needs 3; RADDEPLOY_GPU_FALLBACK=cpu runs at most 2 GPUs' worth at a time: give the model `gpu: 2` or "
+        "fewer, or set RADDEPLOY_GPUS on a host that has the GPUs")
     assert gpu.summary("raddeploy_gpu", ["0", "1"], "none", flows)[1:] == [
         "  flow ensemble: fold_0 (1 GPU): ok",
         "  flow big: x (3 GPUs): " + gpu.shortfall("raddeploy_gpu", 2, [("x", 3)]),

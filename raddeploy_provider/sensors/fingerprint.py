@@ -140,7 +140,7 @@ class FingerprintSensor(BaseSensorOperator):
             return None
         settings = load_settings()
         slots = pool_slots(settings.gpu_pool)
-        return None if slots is None else gpu.shortfall(settings.gpu_pool, slots, models)
+        return None if slots is None else gpu.shortfall(settings.gpu_pool, slots, models, settings.gpu_fallback)
 
 
 def _sender(instances: list[StoredInstance]) -> dict[str, Any]:
