@@ -13,6 +13,10 @@ command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
 [ -x /bin/busybox ] || need+=(busybox-static)
 command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+# dciodvfy: an independent DICOM object validator the tests check model output with (raddeploy/rtcheck.py)
+command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
+# a real browser for the UI checks and the docs' screenshots (driven by the playwright wheel)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   echo "ensure-system: installing ${need[*]}"
   $SUDO apt-get update -qq

@@ -54,3 +54,28 @@ build_if_changed() {
       2> >(grep -v -E "DEPRECATED|BuildKit is currently disabled|environment-variable|^$" >&2) >/dev/null
   fi
 }
+
+# download_wheels REQUIREMENTS DEST [PYTHON_VERSION]: the wheels REQUIREMENTS pins, exactly those
+# (--no-deps: the image's base provides their other dependencies), built for the images' Python
+# (default 3.11, Debian bookworm's) on manylinux x86_64, downloaded with this host's pip from the
+# package index into DEST. Only when REQUIREMENTS changed (DEST/.requirements holds its hash), so
+# a second run needs no network. Returns 1, saying why, when there is no pip or no index.
+download_wheels() {
+  local requirements=$1 dest=$2 python_version=${3:-3.11}
+  local want
+  want=$(printf '%s\n' "$python_version" | cat - "$requirements" | sha256sum | cut -c1-16)
+  [ "$(cat "$dest/.requirements" 2>/dev/null || true)" = "$want" ] && return 0
+  local py=${PYTHON:-.venv/bin/python}
+  [ -x "$py" ] && "$py" -m pip --version >/dev/null 2>&1 || py=python3
+  "$py" -m pip --version >/dev/null 2>&1 || { echo "images: no pip on this host to download $requirements" >&2; return 1; }
+  echo "images: downloading the wheels of $requirements into $dest"
+  rm -rf "$dest.new" && mkdir -p "$dest.new"
+  "$py" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+    --python-version "$python_version" --implementation cp --abi "cp${python_version/./}" \
+    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+    -r "$requirements" -d "$dest.new" 2> >(grep -v -E "Location '" >&2) || {
+      echo "images: pip download of $requirements failed (is the package index reachable?)" >&2
+      rm -rf "$dest.new"; return 1; }
+  echo "$want" >"$dest.new/.requirements"
+  rm -rf "$dest" && mv "$dest.new" "$dest"
+}

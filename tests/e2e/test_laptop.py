@@ -1,23 +1,40 @@
-"""`make run` on a machine without a GPU (a laptop, CI): RadDeploy GPU flows run on the CPU.
+"""`make run` on a machine without a GPU (a laptop, CI), as a new user tries it.
 
-A stack of its own, as a new user's: no GPU found (``RADDEPLOY_GPUS`` empty, no nvidia-smi) and
-``RADDEPLOY_GPU_FALLBACK=cpu``. RadDeploy's five-fold ensemble (here three folds, every fold
-``gpu: true``) completes and is delivered; the containers were told they run on the CPU.
+A stack of its own: no GPU found (``RADDEPLOY_GPUS`` empty, no nvidia-smi) and
+``RADDEPLOY_GPU_FALLBACK=cpu``.
+
+- RadDeploy's five-fold ensemble (here three folds, every fold ``gpu: true``) completes and is
+  delivered; the containers were told they run on the CPU.
+- The example flow ``flows/body_contour.yaml`` as shipped (its destination moved to the test's
+  DCMTK storescp): a phantom CT pushed with DCMTK storescu together with an RTSTRUCT and an
+  RTDOSE of the same study runs the flow once, on the CT alone; the RTSTRUCT it sends back
+  passes dicom3tools' ``dciodvfy`` and a strict reading of every reference
+  (``raddeploy.rtcheck``), and its BODY area on the middle slice is within 5 % of the phantom's.
+  The run's page, in a real headless browser, is README's picture.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 
+from browser import screenshot
 from dicom_factory import make_series
 from flow_factory import ensemble_flow
 from peers import StoreSCP, storescu
+from raddeploy import phantom, rtcheck
 from raddeploy_provider.airflow_client import AirflowClient
 from stack_factory import add_flow, run_finished, running_stack, task_instances, task_log
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+
+REPO = Path(__file__).resolve().parents[2]
 
 FOLDS = 3
 ENSEMBLE_ID = "laptop_ensemble"
@@ -75,3 +92,59 @@ def test_raddeploy_gpu_ensemble_runs_on_the_cpu_with_the_fallback(laptop, airflo
     manifest = json.loads((laptop.data_dir / "runs" / ENSEMBLE_ID / run_id / "manifest.json").read_text())
     assert [manifest["tasks"][f"model_{i}"].get("gpu_fallback") for i in range(FOLDS)] == ["cpu"] * FOLDS
     assert "gpu_fallback" not in manifest["tasks"][f"model_{FOLDS}"]  # the merge is a CPU model
+
+
+def rt_object(sample: str, like: Path, folder: Path) -> Path:
+    """pydicom's sample RT object (an RTSTRUCT, an RTDOSE) moved into the study and patient of ``like``."""
+    ds = dcmread(get_testdata_file(sample), force=True)
+    ct = dcmread(like, stop_before_pixels=True)
+    for keyword in ("StudyInstanceUID", "PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyID"):
+        setattr(ds, keyword, ct.get(keyword, ""))
+    ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    path = folder / f"{ds.Modality}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_body_contour_flow_on_a_phantom_ct_pushed_with_its_rtstruct_and_rtdose(laptop, airflow, destination,
+                                                                               tmp_path):
+    shipped = (REPO / "flows" / "body_contour.yaml").read_text()
+    text = shipped.replace("port: 11113, ae_title: STORESCP", f"port: {destination.port}, ae_title: {destination.ae_title}")
+    assert text != shipped, "flows/body_contour.yaml no longer sends to 127.0.0.1:11113 STORESCP: update this test"
+    add_flow(laptop, airflow, "body_contour.yaml", text, "body_contour")
+    made = phantom.write_phantom(tmp_path / "ct", slices=12)
+    (tmp_path / "rt").mkdir()
+    others = [rt_object(sample, made.files[0], tmp_path / "rt") for sample in ("rtstruct.dcm", "rtdose.dcm")]
+    before = set(destination.files())
+
+    pushed = storescu(laptop.dicom_port, made.files + others)  # one association, CT, RTSTRUCT and RTDOSE
+    assert pushed.returncode == 0, pushed.stderr
+    run_id = f"{made.study_uid}.1"
+    run = run_finished(airflow, "body_contour", run_id, timeout=300)
+    assert run["state"] == "success", {t: ti["state"] for t, ti in task_instances(airflow, "body_contour", run_id).items()}
+
+    # one run of the flow for the study, on the CT alone
+    assert [r["dag_run_id"] for r in airflow.dag_runs("body_contour")
+            if r["conf"].get("study_uid") == made.study_uid] == [run_id]
+    given = sorted((laptop.data_dir / "runs" / "body_contour" / run_id / "input").rglob("*.dcm"))
+    assert sorted(dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in given) == sorted(made.sop_uids)
+    assert {dcmread(p, stop_before_pixels=True).Modality for p in given} == {"CT"}
+
+    (rtstruct,) = destination.new_files(before, 1, "the body-contour RTSTRUCT")
+    assert dcmread(rtstruct, stop_before_pixels=True).Modality == "RTSTRUCT"
+    assert rtcheck.check_rtstruct(rtstruct, made.files) == []
+    errors = rtcheck.dciodvfy(rtstruct)
+    assert errors is not None, "dciodvfy (dicom3tools) is missing: run `make test` (scripts/ensure-system.sh)"
+    assert errors == []
+    areas = rtcheck.roi_areas(rtstruct)
+    assert set(areas) == {"BODY", "LUNG_L", "LUNG_R"}
+    middle = made.slice_z[len(made.slice_z) // 2]
+    body = min(areas["BODY"].items(), key=lambda item: abs(item[0] - middle))[1]
+    assert abs(body - made.body_area_mm2) / made.body_area_mm2 < 0.05
+
+    text = screenshot(laptop.api_url, "admin", laptop.passwords()["admin"],
+                      f"/dags/body_contour/runs/{run_id}", tmp_path / "run.png", run_id, name="demo-run.png")
+    assert "body_contour" in text and "fingerprint" in text
