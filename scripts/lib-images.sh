@@ -6,11 +6,20 @@ mkdir -p "$CACHE"
 
 # debootstrap_image TAG NAME PACKAGES: a minimal Debian bookworm with PACKAGES (comma-separated),
 # imported as TAG. The root file system is kept as $CACHE/NAME.tar: that tarball is what an
-# air-gapped site copies in (`docker import NAME.tar TAG`; docs/install-airgapped.md).
+# air-gapped site copies in (`docker import NAME.tar TAG`; docs/install-airgapped.md). Another
+# PACKAGES list makes both again: the image carries the list's hash as a label, the tarball
+# has it beside it in NAME.packages.
 debootstrap_image() {
   local tag=$1 name=$2 packages=$3
-  docker image inspect "$tag" >/dev/null 2>&1 && return 0
+  local want have
+  want=$(printf '%s' "$packages" | sha256sum | cut -c1-16)
+  have=$(docker image inspect -f '{{ index .Config.Labels "org.raddeploy.packages" }}' "$tag" 2>/dev/null || true)
+  [ "$have" = "$want" ] && return 0
   local tarball="$CACHE/$name.tar"
+  if [ -s "$tarball" ] && [ "$(cat "$CACHE/$name.packages" 2>/dev/null || true)" != "$want" ] \
+      && [ -e "$CACHE/$name.packages" ]; then
+    rm -f "$tarball"  # made with another package list (a tarball copied in without its list is taken as is)
+  fi
   if [ ! -s "$tarball" ]; then
     local root
     root=$(mktemp -d)
@@ -23,9 +32,10 @@ debootstrap_image() {
       echo "images: debootstrap failed; see $CACHE/$name.debootstrap.log" >&2; rm -rf "$root"; return 1; }
     rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
     tar -C "$root" -cf "$tarball.tmp" . && mv "$tarball.tmp" "$tarball"
+    echo "$want" >"$CACHE/$name.packages"
     rm -rf "$root"
   fi
-  docker import "$tarball" "$tag" >/dev/null
+  docker import --change "LABEL org.raddeploy.packages=$want" "$tarball" "$tag" >/dev/null
 }
 
 # inputs_digest WORD_OR_PATH...: a hash of the arguments and of the files under those that are

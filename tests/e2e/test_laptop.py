@@ -10,12 +10,15 @@ A stack of its own: no GPU found (``RADDEPLOY_GPUS`` empty, no nvidia-smi) and
   RTDOSE of the same study runs the flow once, on the CT alone; the RTSTRUCT it sends back
   passes dicom3tools' ``dciodvfy`` and a strict reading of every reference
   (``raddeploy.rtcheck``), and its BODY area on the middle slice is within 5 % of the phantom's.
-  The run's page, in a real headless browser, is README's picture.
+- ``raddeploy demo`` against this stack: its own receiver and phantom, its checks; the run's page
+  it points at, in a real headless browser, is README's picture (``RADDEPLOY_DOCS_SCREENSHOTS``).
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,10 +30,10 @@ from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 from browser import screenshot
 from dicom_factory import make_series
 from flow_factory import ensemble_flow
-from peers import StoreSCP, storescu
+from peers import StoreSCP, free_port, storescu
 from raddeploy import phantom, rtcheck
 from raddeploy_provider.airflow_client import AirflowClient
-from stack_factory import add_flow, run_finished, running_stack, task_instances, task_log
+from stack_factory import add_flow, run_finished, run_path, running_stack, task_instances, task_log
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -109,13 +112,29 @@ def rt_object(sample: str, like: Path, folder: Path) -> Path:
     return path
 
 
-def test_body_contour_flow_on_a_phantom_ct_pushed_with_its_rtstruct_and_rtdose(laptop, airflow, destination,
-                                                                               tmp_path):
-    shipped = (REPO / "flows" / "body_contour.yaml").read_text()
-    text = shipped.replace("port: 11113, ae_title: STORESCP", f"port: {destination.port}, ae_title: {destination.ae_title}")
-    assert text != shipped, "flows/body_contour.yaml no longer sends to 127.0.0.1:11113 STORESCP: update this test"
-    add_flow(laptop, airflow, "body_contour.yaml", text, "body_contour")
-    made = phantom.write_phantom(tmp_path / "ct", slices=12)
+SHIPPED = REPO / "flows" / "body_contour.yaml"
+DCMTK_ID = "body_contour_dcmtk"
+DESTINATION = "  - {host: 127.0.0.1, port: 11113, ae_title: STORESCP}"
+EXCLUDE_SCOUTS = '    SeriesDescription: "~(?i).*(scout|topogram|localizer).*"'
+
+
+def shipped(**changes: str) -> str:
+    """flows/body_contour.yaml with each of its lines ``old`` replaced by ``new`` (``changes``: old=new by name)."""
+    text = SHIPPED.read_text()
+    for old, new in changes.values():
+        assert old in text, f"flows/body_contour.yaml has no line {old!r} any more: update this test"
+        text = text.replace(old, new)
+    return text
+
+
+def test_body_contour_flow_on_a_phantom_ct_pushed_with_its_rtstruct_and_rtdose(laptop, airflow, destination, tmp_path):
+    # the shipped flow, sending to the test's storescp, and for this test's series only (the demo's is another)
+    add_flow(laptop, airflow, "body_contour_dcmtk.yaml", shipped(
+        id=("id: body_contour\n", "id: body_contour_dcmtk\n"),
+        series=(EXCLUDE_SCOUTS, EXCLUDE_SCOUTS.replace(': "~', ': ["E2E body contour", "~') + "]"),
+        destination=(DESTINATION, f"  - {{host: 127.0.0.1, port: {destination.port}, ae_title: {destination.ae_title}}}"),
+    ), "body_contour_dcmtk")
+    made = phantom.write_phantom(tmp_path / "ct", slices=12, series_description="E2E body contour")
     (tmp_path / "rt").mkdir()
     others = [rt_object(sample, made.files[0], tmp_path / "rt") for sample in ("rtstruct.dcm", "rtdose.dcm")]
     before = set(destination.files())
@@ -123,13 +142,12 @@ def test_body_contour_flow_on_a_phantom_ct_pushed_with_its_rtstruct_and_rtdose(l
     pushed = storescu(laptop.dicom_port, made.files + others)  # one association, CT, RTSTRUCT and RTDOSE
     assert pushed.returncode == 0, pushed.stderr
     run_id = f"{made.study_uid}.1"
-    run = run_finished(airflow, "body_contour", run_id, timeout=300)
-    assert run["state"] == "success", {t: ti["state"] for t, ti in task_instances(airflow, "body_contour", run_id).items()}
+    run = run_finished(airflow, DCMTK_ID, run_id, timeout=300)
+    assert run["state"] == "success", {t: ti["state"] for t, ti in task_instances(airflow, DCMTK_ID, run_id).items()}
 
     # one run of the flow for the study, on the CT alone
-    assert [r["dag_run_id"] for r in airflow.dag_runs("body_contour")
-            if r["conf"].get("study_uid") == made.study_uid] == [run_id]
-    given = sorted((laptop.data_dir / "runs" / "body_contour" / run_id / "input").rglob("*.dcm"))
+    assert [r["dag_run_id"] for r in airflow.dag_runs(DCMTK_ID) if r["conf"].get("study_uid") == made.study_uid] == [run_id]
+    given = sorted((laptop.data_dir / "runs" / DCMTK_ID / run_id / "input").rglob("*.dcm"))
     assert sorted(dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in given) == sorted(made.sop_uids)
     assert {dcmread(p, stop_before_pixels=True).Modality for p in given} == {"CT"}
 
@@ -145,6 +163,30 @@ def test_body_contour_flow_on_a_phantom_ct_pushed_with_its_rtstruct_and_rtdose(l
     body = min(areas["BODY"].items(), key=lambda item: abs(item[0] - middle))[1]
     assert abs(body - made.body_area_mm2) / made.body_area_mm2 < 0.05
 
-    text = screenshot(laptop.api_url, "admin", laptop.passwords()["admin"],
-                      f"/dags/body_contour/runs/{run_id}", tmp_path / "run.png", run_id, name="demo-run.png")
-    assert "body_contour" in text and "fingerprint" in text
+
+
+def test_raddeploy_demo_against_the_running_stack(laptop, airflow, tmp_path):
+    """README's first thing to try: its receiver, its phantom, its checks, and the run it points at. The
+    shipped flow as it is, but for its destination's port (11113 may be taken on a test machine)."""
+    port = free_port()
+    add_flow(laptop, airflow, "body_contour.yaml", shipped(
+        destination=(DESTINATION, DESTINATION.replace("11113", str(port)))), "body_contour")
+    done = subprocess.run([str(Path(sys.executable).with_name("raddeploy")), "demo", "--port", str(laptop.dicom_port),
+                           "--ui", laptop.api_url, "--receive-port", str(port), "--timeout", "180",
+                           "--keep", str(tmp_path / "demo")], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    study = lines[0].split("study ")[1].split()[0]
+    assert lines[0].startswith("phantom CT: 20 slices, study ")
+    assert any(line.startswith("  BODY area vs the phantom's") and line.split(": ")[1].startswith(("0.", "1."))
+               for line in lines), done.stdout
+    assert f"See the run in the Airflow UI: {laptop.api_url}/dags/body_contour/runs/{study}.1" in lines
+    assert airflow.get(run_path("body_contour", f"{study}.1"))[1]["state"] == "success"
+    kept = sorted((tmp_path / "demo" / "received").iterdir())
+    assert [dcmread(p, stop_before_pixels=True).Modality for p in kept] == ["RTSTRUCT"]
+    assert phantom.PATIENT_NAME not in done.stdout + done.stderr and phantom.PATIENT_ID not in done.stdout + done.stderr
+
+    # the page it points at, in a real browser: README's picture
+    text = screenshot(laptop.api_url, "admin", laptop.passwords()["admin"], f"/dags/body_contour/runs/{study}.1",
+                      tmp_path / "run.png", f"{study}.1", name="demo-run.png")
+    assert "body_contour" in text and "fingerprint" in text and "Success" in text
