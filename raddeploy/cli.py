@@ -118,7 +118,6 @@ def _unreadable(exc: Exception) -> str:
 def cmd_match(args: argparse.Namespace) -> int:
     from raddeploy_provider.flows import explain
     from raddeploy_provider.flows.matching import select_inputs, unmet_triggers
-    from raddeploy_provider.store import read_header
     from raddeploy_provider.store.snapshot import input_path
 
     flow = _load_one(Path(args.flow))
@@ -128,21 +127,11 @@ def cmd_match(args: argparse.Namespace) -> int:
     if not folder.exists():
         print(f"error: {folder}: no such file or folder", file=sys.stderr)
         return 2
-    files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
-
     print(f"flow {flow.dag_id} ({flow.name}): {flow.source}")
     for i, trigger in enumerate(flow.triggers, 1):
         print(f"  trigger {i}: {trigger.describe()}")
-    studies: dict[str, list[tuple[str, InstanceHeader]]] = {}  # study UID -> (shown path, header), file order
-    unreadable: list[tuple[str, str]] = []
-    for path in files:
-        shown = path.name if path == folder else path.relative_to(folder).as_posix()
-        try:
-            header = read_header(path)
-        except Exception as exc:  # any file may lie in the folder; say why, never crash
-            unreadable.append((shown, _unreadable(exc)))
-            continue
-        studies.setdefault(header.study_uid, []).append((shown, header))
+    found, unreadable = read_dicom_folder(folder)
+    studies = {uid: [(shown_name(folder, path), header) for path, header in items] for uid, items in found.items()}
     if not studies:
         print(f"\nno readable DICOM file under {folder}")
 
@@ -173,9 +162,32 @@ def cmd_match(args: argparse.Namespace) -> int:
 
     if unreadable:
         print(f"\nunreadable: {_plural(len(unreadable), 'file')}")
-        for shown, reason in unreadable:
-            print(f"  {shown}: {reason}")
+        for path, reason in unreadable:
+            print(f"  {shown_name(folder, path)}: {reason}")
     return 0 if runs else 1
+
+
+def read_dicom_folder(folder: Path) -> tuple[dict[str, list[tuple[Path, InstanceHeader]]], list[tuple[Path, str]]]:
+    """Every file under ``folder`` (or the one file) by study UID, in file order, with its header; and
+    the files that are not readable DICOM with the reason. Shared by ``match`` and ``try``."""
+    from raddeploy_provider.store import read_header
+
+    files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
+    studies: dict[str, list[tuple[Path, InstanceHeader]]] = {}
+    unreadable: list[tuple[Path, str]] = []
+    for path in files:
+        try:
+            header = read_header(path)
+        except Exception as exc:  # any file may lie in the folder; say why, never crash
+            unreadable.append((path, _unreadable(exc)))
+            continue
+        studies.setdefault(header.study_uid, []).append((path, header))
+    return studies, unreadable
+
+
+def shown_name(folder: Path, path: Path) -> str:
+    """A file as ``match`` and ``try`` name it: relative to the folder given, or its name."""
+    return path.name if path == folder else path.relative_to(folder).as_posix()
 
 
 def _mounts(mounts: dict[str, str]) -> str:

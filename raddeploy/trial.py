@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 import os
 import shutil
@@ -26,7 +27,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from raddeploy.cli import _input_spec, _load_one, _plural, _unreadable
+from raddeploy.cli import _input_spec, _load_one, _plural, read_dicom_folder, shown_name
 from raddeploy_provider.config import load_settings
 from raddeploy_provider.units import format_duration
 
@@ -150,19 +151,9 @@ def _choose(flow: Flow, folder: Path) -> tuple[str | None, list[tuple[Path, Inst
     printing which triggers each study meets; ``(None, [])`` when no study would run."""
     from raddeploy_provider.flows import explain
     from raddeploy_provider.flows.matching import select_inputs, trigger_matches, unmet_triggers
-    from raddeploy_provider.store import read_header
 
-    files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
-    studies: dict[str, list[tuple[Path, InstanceHeader]]] = {}
-    unreadable: list[tuple[Path, str]] = []
-    for path in files:
-        try:
-            header = read_header(path)
-        except Exception as exc:  # any file may lie in the folder; say why, never crash
-            unreadable.append((path, _unreadable(exc)))
-            continue
-        studies.setdefault(header.study_uid, []).append((path, header))
-    shown = (lambda p: p.name if p == folder else p.relative_to(folder).as_posix())
+    studies, unreadable = read_dicom_folder(folder)
+    shown = functools.partial(shown_name, folder)
     if unreadable:
         print(f"\nunreadable: {_plural(len(unreadable), 'file')} (not used)")
         for path, reason in unreadable[:SHOWN_REASONS]:
