@@ -21,7 +21,7 @@ from raddeploy_provider.store.layout import RunDir
 from raddeploy_provider.units import parse_size
 
 from . import raddeploy, terms
-from .model import SEARCH, Condition, Destination, Grouping, InputSpec, ModelSpec, Pattern, Trigger
+from .model import SEARCH, Condition, Destination, Grouping, InputSpec, ModelSpec, NotifySpec, Pattern, Trigger
 from .schema import DOCKER_KWARGS_REFUSED, SECTIONS, Key
 
 if TYPE_CHECKING:
@@ -273,6 +273,22 @@ def _warn_overlaps(reader: Reader, condition: Condition, node: yaml.Node, where:
                         f"anchor it to match one value: {tilde + terms.anchored(pattern.source)!r}")
 
 
+def events(reader: Reader, key: Key, node: yaml.Node, where: str) -> tuple[str, ...]:
+    """One of ``key.choices`` or a list of them, each once."""
+    out = []
+    for item in _items(node):
+        value = str(reader.scalar(item, where))
+        if value not in key.choices:
+            raise reader.error(item, where, f"unknown event {value!r}", f"use {', '.join(key.choices)}")
+        if value not in out:
+            out.append(value)
+    return tuple(out)
+
+
+def notify(reader: Reader, key: Key, node: yaml.Node, where: str) -> NotifySpec:
+    return NotifySpec(**reader.section(node, where, "notify"))
+
+
 def grouping(reader: Reader, key: Key, node: yaml.Node, where: str) -> Grouping:
     return Grouping(**reader.section(node, where, "grouping"))
 
@@ -367,6 +383,8 @@ CONVERTERS: dict[str, Converter] = {
     "any": anything,
     "triggers": triggers,
     "grouping": grouping,
+    "notify": notify,
+    "events": events,
     "input": input_section,
     "models": models,
     "destinations": destinations,

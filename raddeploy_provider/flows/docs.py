@@ -60,6 +60,7 @@ TITLES = {
     "flow": "Top level",
     "grouping": "`grouping`",
     "input": "`input`",
+    "notify": "`notify`",
     "models[]": "`models[]` (each model)",
     "docker_kwargs": "`models[].docker_kwargs` (RadDeploy)",
     "destinations[]": "`destinations[]` (each destination)",

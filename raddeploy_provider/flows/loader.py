@@ -23,7 +23,7 @@ from raddeploy_provider.units import slug
 from . import raddeploy
 from .errors import FlowError, FlowWarning
 from .graph import GraphError, model_order, unused_outputs
-from .model import SEARCH, Flow, Grouping
+from .model import SEARCH, Flow, Grouping, NotifySpec, Review
 from .reader import Reader
 
 
@@ -117,6 +117,9 @@ def _flow(reader: Reader, file_hash: str) -> Flow:
             reader.warn(reader.node_of(key), key, f"results may carry {what}: the output guard does not "
                         "check it", "only for a flow meant to change identities, such as an anonymising export")
     return Flow(
+        review=_review(reader, values),
+        deadline=values.get("deadline"),
+        notify=values.get("notify", NotifySpec()),
         name=name,
         dag_id=values.get("id", slug(name)),
         source=reader.path,
@@ -137,6 +140,21 @@ def _flow(reader: Reader, file_hash: str) -> Flow:
         file_hash=file_hash,
         spelling="raddeploy" if reader.spelling == SEARCH else "native",
     )
+
+
+def _review(reader: Reader, values: dict) -> Review | None:
+    """``review: required`` and its settings; those settings without it are an error (they would do nothing)."""
+    settings = [key for key in ("reviewers", "review_timeout", "on_review_timeout") if key in values]
+    if values.get("review", "off") != "required":
+        if settings:
+            raise reader.error(reader.node_of(settings[0]), settings[0], "given without `review: required`",
+                               "add `review: required`, or remove it")
+        return None
+    if "review" in values and not any(m.sent_outputs for m in values["models"]):
+        raise reader.error(reader.node_of("review"), "review", "nothing of this flow is sent, so there is nothing to "
+                           "review", "send a `dst` output somewhere, or remove `review`")
+    return Review(reviewers=values.get("reviewers", ()), timeout=values.get("review_timeout"),
+                  on_timeout=values.get("on_review_timeout", "reject"))
 
 
 def _check_graph(reader: Reader, flow: Flow) -> None:

@@ -79,6 +79,24 @@ class InputSpec:
 
 
 @dataclass(frozen=True)
+class Review:
+    """A person approves a run's results before anything is sent (``review: required``)."""
+
+    reviewers: tuple[str, ...] = ()  # Airflow user names; () = whoever may edit the DAG's runs
+    timeout: float | None = None  # seconds; None: a review waits as long as it takes
+    on_timeout: str = "reject"  # reject | approve
+
+
+@dataclass(frozen=True)
+class NotifySpec:
+    """Who hears of a flow's runs; ``None`` fields take the deployment's ``RADDEPLOY_NOTIFY_*``."""
+
+    on: tuple[str, ...] | None = None  # failure | rejection | deadline | delivery
+    webhook: str | None = None  # an Airflow HTTP connection id
+    email: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """One container task. ``inputs``/``outputs`` map a mount name to a container path.
 
@@ -151,6 +169,9 @@ class Flow:
     new_study: bool = False  # results may carry another Study Instance UID than the input's
     new_patient: bool = False  # results may carry another Patient ID (implies new_study)
     provenance: bool = True  # stamp a Contributing Equipment item on every sent result
+    review: Review | None = None  # None: results are sent without a person's approval
+    deadline: float | None = None  # seconds from the run queued to its delivery; None: no deadline
+    notify: NotifySpec = field(default_factory=NotifySpec)
     extra: dict[str, Any] = field(default_factory=dict)
     file_hash: str = ""
     warnings: tuple[FlowWarning, ...] = ()

@@ -70,6 +70,19 @@ FLOW = (
     Key("provenance", "bool", "Every result gets a Contributing Equipment item naming raddeploy-provider, "
         "the flow, its version and the model image digest, before it is sent. `off` (`false`) leaves results "
         "as the model wrote them.", "on", "off"),
+    Key("review", "choice", "`required`: a person approves the results in the Airflow UI before anything is sent "
+        "(an approval task between the models and every send task); rejected, nothing is sent and the run says who "
+        "rejected and why.", "off", "required", choices=("required", "off")),
+    Key("reviewers", "tags", "Airflow user names who may approve or reject (with `review: required`); others are "
+        "refused. Default: any user who may edit the DAG's runs.", "[]", "[dr_hansen, dr_lund]"),
+    Key("review_timeout", "timeout", "How long a review may wait (with `review: required`); then "
+        "`on_review_timeout` decides.", "none", "4h"),
+    Key("on_review_timeout", "choice", "What a review that timed out means: `reject` (nothing is sent) or "
+        "`approve`.", "reject", "approve", choices=("reject", "approve")),
+    Key("deadline", "timeout", "From the run being queued to its delivery: a run still not delivered then raises one "
+        "alert (a notification, see `notify`).", "none", "20m"),
+    Key("notify", "notify", "Who hears of this flow's runs, in place of the deployment's settings "
+        "(`RADDEPLOY_NOTIFY_*`; see the `notify` section).", "the deployment's", "{on: [failure, deadline]}"),
     Key("extra", "mapping", "Free-form values that follow the flow (RadDeploy's `extra` too): given to every "
         "model as JSON in `RADDEPLOY_FLOW_EXTRA`.", "{}", "{site: aarhus}"),
     Key("tar_subdir", "keywords", "RadDeploy spelling of `input.layout` as a list of DICOM keywords.", "[]",
@@ -81,6 +94,16 @@ GROUPING = (
     Key("timeout", "duration", "Stop waiting for missing triggers after this long.", "30m", "2h"),
     Key("on_timeout", "choice", "What a run does at the timeout: `skip` (marked skipped), `fail`, or "
         "`proceed` with the triggers that matched.", "skip", "proceed", choices=("skip", "fail", "proceed")),
+)
+
+NOTIFY = (
+    Key("on", "events", "Which events notify: `failure`, `rejection` (a review said no, or timed out to reject), "
+        "`deadline` (missed), `delivery` (sent).", "the deployment's (failure, rejection, deadline)",
+        "[failure, rejection, deadline, delivery]", choices=("failure", "rejection", "deadline", "delivery")),
+    Key("webhook", "text", "An Airflow HTTP connection id: each notification is POSTed there as JSON.",
+        "the deployment's", "ops_webhook"),
+    Key("email", "tags", "E-mail addresses, sent through the deployment's SMTP connection.", "the deployment's",
+        "[physics@clinic.example]"),
 )
 
 INPUT = (
@@ -204,6 +227,7 @@ SECTIONS: dict[str, tuple[Key, ...]] = {
     "flow": FLOW,
     "grouping": GROUPING,
     "input": INPUT,
+    "notify": NOTIFY,
     "models[]": MODEL,
     "docker_kwargs": DOCKER_KWARGS,
     "destinations[]": DESTINATION,

@@ -842,6 +842,8 @@ KEYS_WITHOUT_EXAMPLE: set[tuple[str, str]] = set()
 EXAMPLE_IS_THE_DEFAULT = {("flow", "input"), ("docker_kwargs", "network_disabled")}
 
 ALL_KEYS = [(section, key) for section, keys in SECTIONS.items() for key in keys]
+#: Flow keys that mean something only with `review: required`.
+REVIEW_SETTINGS = ("reviewers", "review_timeout", "on_review_timeout")
 
 
 def test_every_key_has_an_example() -> None:
@@ -856,8 +858,10 @@ def example_flow(section: str, key: Key) -> str:
     if section in ("flow", "destinations[]"):  # results that go somewhere need a dst output
         top["models"] += "\n    outputs: {dst: /output}"
     if section == "flow":
+        if key.name in REVIEW_SETTINGS:  # they need a review to set
+            top["review"] = "review: required"
         top[key.name] = line
-    elif section in ("grouping", "input"):
+    elif section in ("grouping", "input", "notify"):
         top[section] = f"{section}:\n  {line}"
     elif section == "models[]":
         base = [] if key.name in ("image", "docker_kwargs") else ["image: 'img:1'"]
@@ -882,6 +886,8 @@ def test_every_example_loads(tmp_path: Path, section: str, key: Key) -> None:
         base_text = base_text.replace("\n    outputs: {dst: /output}", "")
     if section == "docker_kwargs":  # like with like: a RadDeploy model (its spelling, its default mounts)
         base_text = example_flow(section, Key("image", "text", "", example="'img:1'"))
+    if key.name in REVIEW_SETTINGS and section == "flow":  # like with like: a flow with a review
+        base_text = example_flow("flow", Key("review", "choice", "", example="required"))
     base = load_flow(write(tmp_path, base_text, "base.yaml"))
     changed = comparable(dataclasses.replace(flow, source=base.source)) != comparable(base)
     assert changed == ((section, key.name) not in EXAMPLE_IS_THE_DEFAULT), "the example should show a change"
@@ -957,3 +963,26 @@ def test_raddeploy_model_without_mounts_has_raddeploys_defaults_and_its_results_
         destinations: [{host: tps, port: 104, ae_title: TPS}]
     """) == ("F:3: destinations: results go somewhere, but no model writes a `dst` output "
              "(name the output to send `dst` (or `dst_<something>`))")
+
+
+def test_review_deadline_and_notify_load_and_their_mistakes_are_errors(tmp_path: Path) -> None:
+    body = ("models: [{image: 'a:1', inputs: {src: /in}, outputs: {dst: /out}}]\n"
+            "destinations: [{host: tps, port: 104, ae_title: TPS}]\n")
+    flow = load_flow(write(tmp_path, HEAD + body + "review: required\nreviewers: [dr_a, dr_b]\nreview_timeout: 2h\n"
+                           "on_review_timeout: approve\ndeadline: 20m\n"
+                           "notify: {on: [failure, delivery, failure], webhook: ops, email: physics@x.example}\n"))
+    assert (flow.review.reviewers, flow.review.timeout, flow.review.on_timeout) == (("dr_a", "dr_b"), 7200.0, "approve")
+    assert flow.deadline == 1200.0
+    assert (flow.notify.on, flow.notify.webhook, flow.notify.email) == (("failure", "delivery"), "ops", ("physics@x.example",))
+    plain = load_flow(write(tmp_path, HEAD + body, "plain.yaml"))
+    assert (plain.review, plain.deadline, plain.notify.on, plain.notify.webhook) == (None, None, None, None)
+
+    assert error_of(tmp_path, HEAD + body + "reviewers: [dr_a]\n") == (
+        "F:5: reviewers: given without `review: required` (add `review: required`, or remove it)")
+    assert error_of(tmp_path, HEAD + "models: [{image: 'a:1'}]\nreview: required\n") == (
+        "F:4: review: nothing of this flow is sent, so there is nothing to review (send a `dst` output somewhere, "
+        "or remove `review`)")
+    assert error_of(tmp_path, HEAD + body + "notify: {on: [failure, late]}\n") == (
+        "F:5: notify.on: unknown event 'late' (use failure, rejection, deadline, delivery)")
+    assert error_of(tmp_path, HEAD + body + "deadline: 0\n") == (
+        "F:5: deadline: a timeout must be longer than 0 (leave it out for no timeout)")
