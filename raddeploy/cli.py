@@ -195,7 +195,8 @@ def _mounts(mounts: dict[str, str]) -> str:
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
-    from raddeploy_provider.flows.graph import SENSOR_TASK, model_order, return_task_id, send_task_id, task_edges
+    from raddeploy_provider.flows.graph import (REVIEW_TASK, SENSOR_TASK, model_order, return_task_id, send_task_id,
+                                                task_edges)
 
     flow = _load_one(Path(args.flow))
     if flow is None:
@@ -227,6 +228,13 @@ def cmd_graph(args: argparse.Namespace) -> int:
         if model.network != "none":
             print(f"  network: {model.network}")
     senders = [model.name for model in flow.models if model.sent_outputs]
+    if flow.review:
+        review = flow.review
+        print(REVIEW_TASK)
+        print(f"  who:     {', '.join(review.reviewers) or 'any user who may edit the runs'} approves or rejects; "
+              "nothing is sent before")
+        if review.timeout:
+            print(f"  timeout: {format_duration(review.timeout)}, then {review.on_timeout}")
     sends = [(send_task_id(i, dest), dest.describe()) for i, dest in enumerate(flow.destinations)]
     sends += [(return_task_id(port), f"the sender of the study, on port {port}") for port in flow.return_to_sender]
     for task_id, target in sends:

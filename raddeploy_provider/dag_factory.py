@@ -16,10 +16,11 @@ from airflow.sdk import DAG, get_parsing_context
 
 from raddeploy_provider.config import Settings, load_settings
 from raddeploy_provider.flows import Flow, FlowError, id_cache, load_flow, load_flows
-from raddeploy_provider.flows.graph import SENSOR_TASK, return_task_id, send_task_id, task_edges
+from raddeploy_provider.flows.graph import REVIEW_TASK, SENSOR_TASK, return_task_id, send_task_id, task_edges
 from raddeploy_provider.flows.model import ModelSpec
 from raddeploy_provider.operators.dicom_send import DicomSendOperator
 from raddeploy_provider.operators.model import ModelOperator
+from raddeploy_provider.operators.review import ReviewOperator
 from raddeploy_provider.sensors.fingerprint import FingerprintSensor
 from raddeploy_provider.units import slug
 
@@ -87,6 +88,8 @@ def build_dag(flow: Flow) -> DAG:
         for port in flow.return_to_sender:
             tasks[return_task_id(port)] = DicomSendOperator(
                 task_id=return_task_id(port), return_to_sender_port=port, **send_args)
+        if flow.review:  # between the models and every send task
+            tasks[REVIEW_TASK] = ReviewOperator(task_id=REVIEW_TASK, flow=flow, sent=send_args["sources"], **weight)
         tasks[SENSOR_TASK] = sensor
         for edge in task_edges(flow):  # the one reading of the graph, shared with `raddeploy graph`
             tasks[edge.upstream] >> tasks[edge.downstream]

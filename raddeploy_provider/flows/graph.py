@@ -14,6 +14,8 @@ from .model import SOURCE_MOUNT, Destination, Flow
 
 #: The task id of the fingerprint sensor, the first task of every flow's DAG.
 SENSOR_TASK = "fingerprint"
+#: The task id of the approval between the models and every send task (``review: required``).
+REVIEW_TASK = "review"
 
 
 class GraphError(ValueError):
@@ -128,7 +130,8 @@ def task_edges(flow: Flow) -> list[Edge]:
     """Every edge of the flow's DAG, grouped by upstream task in a topological order.
 
     ``fingerprint`` -> each model that reads only ``src`` (or nothing); a model -> each
-    model that reads one of its outputs; each model with ``dst*`` outputs -> every send task.
+    model that reads one of its outputs; each model with ``dst*`` outputs -> every send task,
+    or, with ``review: required``, -> ``review`` -> every send task.
     """
     deps = upstream(flow)
     made_by = producers(flow)
@@ -143,7 +146,10 @@ def task_edges(flow: Flow) -> list[Edge]:
                 edges.append(Edge(name, reader, tuple(n for n in by_name[reader].inputs if made_by.get(n) == name)))
         sent = tuple(by_name[name].sent_outputs)
         if sent:
-            edges.extend(Edge(name, send, sent) for send in sends)
+            edges.extend(Edge(name, target, sent) for target in ([REVIEW_TASK] if flow.review else sends))
+    if flow.review:
+        reviewed = tuple(n for name in order for n in by_name[name].sent_outputs)
+        edges.extend(Edge(REVIEW_TASK, send, reviewed) for send in sends)
     return edges
 
 

@@ -326,3 +326,31 @@ def test_missing_input_folder_is_named(folders: SimpleNamespace) -> None:
         op._prepare_mounts(folders.run_dir, load_settings())
     assert str(info.value) == (f"input 'ct_reg' has no folder at {folders.run / 'ct_reg'}: did the task that "
                                "writes it succeed? Clear that task to run it again.")
+
+
+def test_review_stands_between_every_sending_model_and_every_send_task(tmp_path: Path) -> None:
+    from raddeploy_provider.operators.review import ReviewOperator
+
+    dag = dag_of(tmp_path, """
+        name: reviewed
+        triggers: [{Modality: CT}]
+        review: required
+        reviewers: [dr_a, dr_b]
+        review_timeout: 2h
+        models:
+          - {name: seg, image: "a:1", inputs: {src: /in}, outputs: {dst: /out, mid: /mid}}
+          - {name: dose, image: "b:1", inputs: {mid: /in}, outputs: {dst_dose: /out}}
+        destinations: [{host: tps, port: 104, ae_title: TPS}]
+        return_to_sender: [104]
+    """)
+    assert edges(dag) == {("fingerprint", "seg"), ("seg", "dose"), ("seg", "review"), ("dose", "review"),
+                          ("review", "send_0_TPS"), ("review", "send_to_sender_104")}
+    review = dag.get_task("review")
+    assert isinstance(review, ReviewOperator)
+    assert review.assigned_users == [{"id": "dr_a", "name": "dr_a"}, {"id": "dr_b", "name": "dr_b"}]
+    assert (review.response_timeout, review.defaults, review.options) == (timedelta(hours=2), ["Reject"],
+                                                                         ["Approve", "Reject"])
+    assert review.sent == ["dst", "dst_dose"]
+    plain = dag_of(tmp_path, "name: plain\ntriggers: [{Modality: CT}]\nmodels: [{image: 'a:1', inputs: {src: /i}, "
+                             "outputs: {dst: /o}}]\ndestinations: [{host: t, port: 104, ae_title: T}]\n", "plain.yaml")
+    assert "review" not in plain.task_ids
