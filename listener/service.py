@@ -134,8 +134,9 @@ class Listener:
         while not self._stopping.wait(self.flows.interval):
             try:
                 self.flows.current()
-            except Exception:  # a folder gone or unreadable for a moment: the next look says
-                log.exception("flows folder %s could not be read", self.settings.flows_dir)
+            except OSError as exc:  # gone, unreadable, or no descriptor left for a moment: the next look says
+                log.warning("flows folder %s could not be read (%s); looking again in %.0f s",
+                            self.settings.flows_dir, exc.strerror or exc, self.flows.interval)
 
     def _hash_when_idle(self) -> None:
         """Record the files' sha256 while no association is sending (or every 30 s at least):
