@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from airflow.providers.standard.operators.hitl import ApprovalOperator
@@ -10,7 +11,7 @@ from airflow.sdk import Context, Param
 
 from raddeploy_provider import review
 from raddeploy_provider.flows.model import Flow
-from raddeploy_provider.store import manifest
+from raddeploy_provider.store import RunDir, manifest, read_header
 from raddeploy_provider.utils.run_note import set_run_note
 from raddeploy_provider.utils.runs import run_dir
 
@@ -55,17 +56,67 @@ class ReviewOperator(ApprovalOperator):
         return super().execute(context)
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
-        answer = super().execute_complete(context, event)  # on Reject: the send tasks are skipped
-        made = review.decision(answer["chosen_options"], answer.get("responded_by_user"), answer.get("params_input"),
-                               self.flow.review.on_timeout)
-        run = run_dir(context)
-        manifest.record(run, self.task_id, made.record())  # the task's manifest part
-        set_run_note(self.flow.dag_id, context["run_id"], made.note())
-        self.log.info("review: %s", made.note())
-        return answer
+        # Recorded first: on Reject, ApprovalOperator skips the send tasks by raising (the task SDK's
+        # DownstreamTasksSkipped), so nothing after its execute_complete would run.
+        if "error" not in event:
+            made = review.decision(event.get("chosen_options") or [], event.get("responded_by_user"),
+                                   event.get("params_input"), self.flow.review.on_timeout)
+            manifest.record(run_dir(context), self.task_id, made.record())  # the task's manifest part
+            set_run_note(self.flow.dag_id, context["run_id"], made.note())
+            self.log.info("review: %s", made.note())
+        return super().execute_complete(context, event)
 
-    def _previews(self, context: Context, run: Any, results: list) -> list[tuple[str, str]]:
-        return []
+    def _previews(self, context: Context, run: RunDir, results: list[Path]) -> list[tuple[str, str]]:
+        """Pictures of the first RT result on its images, as (title, URL) for the body; none when
+        there is no RT result or it cannot be drawn (said in the log, the review goes on)."""
+        from raddeploy_provider.plugins.previews import preview_url
+        from raddeploy_provider.previews import PreviewError, render_previews
 
-    def _volumes(self, run: Any, results: list) -> dict[str, dict[str, float]]:
-        return {}
+        if not results:
+            return []
+        if len(results) > 1:
+            self.log.info("previews of %s only (of %d RT results)", results[0].name, len(results))
+        try:
+            made = render_previews(results[0], _images(run, results[0]), run.previews)
+        except (PreviewError, OSError, ValueError) as exc:
+            self.log.warning("no previews of %s: %s", results[0].name, exc)
+            return []
+        return [(path.stem.replace("_", " "), preview_url(self.flow.dag_id, context["run_id"], path.name))
+                for path in made]
+
+    def _volumes(self, run: RunDir, results: list[Path]) -> dict[str, dict[str, float]]:
+        """ROI (or segment) name -> cm³, per RT result file; a result that cannot be read has none."""
+        from raddeploy_provider.dicom import rt
+
+        found = {}
+        for path in results:
+            try:
+                images = _images(run, path)
+                sop_class = str(read_header(path).sop_class_uid)
+                found[path.name] = (rt.segment_volumes_cm3(path, images) if sop_class == review.SEG
+                                    else rt.roi_volumes_cm3(path, images))
+            except Exception as exc:  # a result the model wrote wrongly: the reviewer sees it without volumes
+                self.log.warning("no volumes of %s: %s", path.name, exc)
+        return found
+
+
+def _images(run: RunDir, result: Path) -> list[Path]:
+    """The input files of the series ``result`` references (all input files when it names none):
+    the images an RT result is drawn on and measured against."""
+    from pydicom import dcmread
+
+    ds = dcmread(result, stop_before_pixels=True)
+    wanted = {str(series.SeriesInstanceUID) for frame in ds.get("ReferencedFrameOfReferenceSequence", [])
+              for study in frame.get("RTReferencedStudySequence", []) for series in study.get("RTReferencedSeriesSequence", [])}
+    wanted |= {str(series.SeriesInstanceUID) for series in ds.get("ReferencedSeriesSequence", [])}
+    files = sorted(p for p in run.input.rglob("*") if p.is_file())
+    if not wanted:
+        return files
+    chosen = []
+    for path in files:
+        try:
+            if read_header(path).series_uid in wanted:
+                chosen.append(path)
+        except Exception:
+            continue
+    return chosen
