@@ -4,9 +4,11 @@
 patient and study, the frame of reference, every reference (study, series, contour image)
 resolving to one of the images, an observation with an interpreted type and a display colour
 for every ROI, and every contour CLOSED_PLANAR with 3+ points lying on a slice of the
-images. ``roi_areas`` gives each ROI's contour area per slice, to compare with a known truth
-(``raddeploy.phantom``). ``dciodvfy`` runs dicom3tools' independent validator when it is
-installed (``scripts/ensure-system.sh`` installs it). No Airflow imports.
+images. ``roi_areas`` gives each ROI's contour area per slice and ``roi_volumes_cm3`` its
+volume, to compare with a known truth (``raddeploy.phantom``): both live in the core's RT
+reader (``raddeploy_provider.dicom.rt``) and are imported here. ``dciodvfy`` runs dicom3tools'
+independent validator when it is installed (``scripts/ensure-system.sh`` installs it). No
+Airflow imports.
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 import pydicom
 from pydicom.uid import RTStructureSetStorage
+
+# What the contours measure has one home, the core's RT reader; named here for rtcheck's users.
+from raddeploy_provider.dicom.rt import contour_area_mm2, roi_areas, roi_volumes_cm3  # noqa: F401
 
 # How far (mm) a contour point may lie from the plane of the slice it belongs to.
 PLANE_TOLERANCE_MM = 0.01
@@ -49,32 +54,6 @@ class _Slice:
         if self.normal is None:
             return False
         return bool(np.all(np.abs(points @ self.normal - self.offset) <= PLANE_TOLERANCE_MM))
-
-
-def contour_area_mm2(points: Sequence[float] | np.ndarray) -> float:
-    """The area (mm²) of a closed planar polygon: ``ContourData`` (x1, y1, z1, x2, ...) or N x 3
-    points. The shoelace formula in 3D (half the norm of the summed cross products), so it holds
-    for a contour in any plane, not only an axial one."""
-    p = np.asarray(points, dtype=float).reshape(-1, 3)
-    if len(p) < 3:
-        return 0.0
-    return float(np.linalg.norm(np.cross(p, np.roll(p, -1, axis=0)).sum(axis=0)) / 2.0)
-
-
-def roi_areas(rtstruct: Path | pydicom.Dataset) -> dict[str, dict[float, float]]:
-    """Each ROI's contour area (mm²) per slice: ``{ROIName: {z: area}}``, z the contour's mean z
-    rounded to 0.01 mm. Several contours of one ROI on one slice are added up (no holes)."""
-    ds = rtstruct if isinstance(rtstruct, pydicom.Dataset) else pydicom.dcmread(rtstruct)
-    names = {int(roi.ROINumber): str(roi.ROIName) for roi in ds.get("StructureSetROISequence", [])}
-    areas: dict[str, dict[float, float]] = {name: {} for name in names.values()}
-    for item in ds.get("ROIContourSequence", []):
-        name = names.get(int(item.ReferencedROINumber), f"#{item.ReferencedROINumber}")
-        per_slice = areas.setdefault(name, {})
-        for contour in item.get("ContourSequence", []):
-            p = np.asarray(contour.ContourData, dtype=float).reshape(-1, 3)
-            z = round(float(p[:, 2].mean()), 2)
-            per_slice[z] = per_slice.get(z, 0.0) + contour_area_mm2(p)
-    return areas
 
 
 def check_rtstruct(rtstruct: Path, images: Iterable[Path]) -> list[str]:

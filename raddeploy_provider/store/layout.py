@@ -79,6 +79,10 @@ class RunDir:
     manifest = Entry("manifest.json", "The run manifest, rebuilt from its parts (:mod:`.manifest`).")
     manifest_parts = Entry("manifest.d", "``manifest.d/<part>.json``: one part per task and one for the run.")
     manifest_lock = Entry(".manifest.lock", "Held while manifest.json is rebuilt.")
+    notified = Entry("notified", "``notified/<event>.<clear number>``: made by the one notification of that event "
+                     "(:mod:`raddeploy_provider.notifications`), so a run's failure is told once.")
+    previews = Entry("previews", "``previews/<name>.png``: pictures of the run's RT results for review "
+                     "(:mod:`raddeploy_provider.previews`), served by the provider's plugin.")
 
     @property
     def dag_id(self) -> str:

@@ -113,7 +113,8 @@ def test_run_folder_entries(tmp_path: Path) -> None:
     assert (run.manifest, run.manifest_parts) == (run.root / "manifest.json", run.root / "manifest.d")
     # Every name the run folder uses itself is reserved, so no mount can land on it.
     used = {p.relative_to(run.root).parts[0] for p in (
-        run.input, run.config_file("t"), run.sent_ledger("t"), run.manifest, run.manifest_parts, run.manifest_lock)}
+        run.input, run.config_file("t"), run.sent_ledger("t"), run.manifest, run.manifest_parts, run.manifest_lock,
+        run.previews, run.notified)}
     assert used | {".", ".."} == RunDir.RESERVED
     for name in RunDir.RESERVED:
         with pytest.raises(StoreError, match="reserved"):
