@@ -30,7 +30,7 @@ from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 from browser import screenshot
 from dicom_factory import make_series
 from flow_factory import ensemble_flow
-from peers import StoreSCP, free_port, storescu
+from peers import StoreSCP, free_port, storescu, wait_for
 from raddeploy import phantom, rtcheck
 from raddeploy_provider.airflow_client import AirflowClient
 from stack_factory import add_flow, run_finished, run_path, running_stack, task_instances, task_log
@@ -190,3 +190,39 @@ def test_raddeploy_demo_against_the_running_stack(laptop, airflow, tmp_path):
     text = screenshot(laptop.api_url, "admin", laptop.passwords()["admin"], f"/dags/body_contour/runs/{study}.1",
                       tmp_path / "run.png", f"{study}.1", name="demo-run.png")
     assert "body_contour" in text and "fingerprint" in text and "Success" in text
+
+
+def test_review_of_the_body_contour_shows_rois_volumes_and_previews_in_the_ui(laptop, airflow, destination, tmp_path):
+    """`review: required` on the shipped flow: the reviewer's page lists the ROIs with their volumes and
+    shows the previews (served by the provider's route); README's picture of the review step."""
+    dag_id = "body_contour_review"
+    add_flow(laptop, airflow, "body_contour_review.yaml", shipped(
+        id=("id: body_contour\n", f"id: {dag_id}\nreview: required\nreviewers: [admin]\n"),
+        series=(EXCLUDE_SCOUTS, EXCLUDE_SCOUTS.replace(': "~', ': ["E2E review contour", "~') + "]"),
+        destination=(DESTINATION, f"  - {{host: 127.0.0.1, port: {destination.port}, ae_title: {destination.ae_title}}}"),
+    ), dag_id)
+    made = phantom.write_phantom(tmp_path / "ct", slices=12, series_description="E2E review contour")
+    before = set(destination.files())
+    assert storescu(laptop.dicom_port, made.files).returncode == 0
+    run_id = f"{made.study_uid}.1"
+    hitl = f"{run_path(dag_id, run_id)}/taskInstances/review/-1/hitlDetails"
+    detail = wait_for(lambda: (lambda got: got[1] if got[0] == 200 and "Preview" in got[1].get("body", "") else None)(
+        airflow.get(hitl)), 180, "the review to wait with its previews")
+    body = detail["body"]
+    assert "| CT | E2E review contour | 12 |" in body and "1 × RT Structure Set Storage" in body
+    volumes = dict(part.rsplit(" ", 2)[:2] for part in body.split(".dcm: ")[1].splitlines()[0].split(", "))
+    assert set(volumes) == {"BODY", "LUNG_L", "LUNG_R"} and float(volumes["BODY"]) > 100
+    urls = [line[line.index("](") + 2:-1] for line in body.splitlines() if line.startswith("![")]
+    assert len(urls) >= 3 and all(url.startswith(f"raddeploy/runs/{dag_id}/") for url in urls)
+    status, png = airflow._request("GET", "/" + urls[0], None)
+    assert status == 200
+    assert set(destination.files()) == before  # nothing sent before the decision
+
+    text = screenshot(laptop.api_url, "admin", laptop.passwords()["admin"],
+                      f"/dags/{dag_id}/runs/{run_id}/tasks/review/required_actions", tmp_path / "review.png",
+                      "Approve", name="review-step.png", height=1400)
+    assert "BODY" in text and "Reject" in text
+    assert airflow._request("PATCH", hitl, {"chosen_options": ["Approve"], "params_input": {}})[0] == 200
+    assert run_finished(airflow, dag_id, run_id)["state"] == "success"
+    (rtstruct,) = destination.new_files(before, 1, "the approved RTSTRUCT")
+    assert dcmread(rtstruct, stop_before_pixels=True).Modality == "RTSTRUCT"
