@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from raddeploy_provider.gpu import FALLBACK_CHOICES, default_lock_dir
+from raddeploy_provider.notices import DEFAULT_EVENTS, EVENTS
 from raddeploy_provider.store.index import POSTGRES_SCHEMES
 from raddeploy_provider.store.layout import DataDir
 from raddeploy_provider.units import parse_duration, parse_size
@@ -64,6 +65,12 @@ class Settings:
     model_mem_limit: int
     model_pids_limit: int
     outbox_give_up: float  # seconds a trigger Airflow keeps refusing is retried before it is given up
+    # Notifications (docs/notifications.md): a flow's `notify` overrides these field by field.
+    notify_on: tuple[str, ...]  # events: failure, rejection, deadline, delivery
+    notify_webhook: str | None  # an Airflow HTTP connection id; None: no webhook
+    notify_email: tuple[str, ...]  # addresses; (): no mail
+    notify_smtp: str  # the Airflow SMTP connection id mails go through
+    ui_url: str  # the Airflow UI as people reach it, for the links in notifications
 
     @property
     def data(self) -> DataDir:
@@ -80,6 +87,16 @@ def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:
 
 def _list(name: str) -> tuple[str, ...]:
     return tuple(part for part in (p.strip() for p in _env(name, "").split(",")) if part)
+
+
+def _events(name: str, default: str) -> tuple[str, ...]:
+    text = _env(name, default)
+    events = tuple(part.lower() for part in (p.strip() for p in text.split(",")) if part)
+    unknown = [event for event in events if event not in EVENTS]
+    if unknown:
+        raise ValueError(f"{PREFIX}{name}={text!r}: {unknown[0]!r} is no event; use some of {', '.join(EVENTS)} "
+                         "(comma-separated), or nothing for no notifications")
+    return events
 
 
 def _size(name: str, default: str) -> int:
@@ -120,13 +137,14 @@ def _index_url() -> str | None:
 def load_settings() -> Settings:
     """Read the settings now (not at import, so tests and `raddeploy run` can set them)."""
     data_dir = Path(_env("DATA", str(Path.cwd() / ".raddeploy" / "data"))).absolute()
+    airflow_url = _env("AIRFLOW_URL", "http://127.0.0.1:8080").rstrip("/")
     return Settings(
         data_dir=data_dir,
         flows_dir=Path(_env("FLOWS", str(Path.cwd() / "flows"))).absolute(),
         listen_host=_env("LISTEN_HOST", "0.0.0.0"),
         listen_port=int(_env("LISTEN_PORT", "11112")),
         ae_title=_env("AE_TITLE", "RADDEPLOY"),
-        airflow_url=_env("AIRFLOW_URL", "http://127.0.0.1:8080").rstrip("/"),
+        airflow_url=airflow_url,
         airflow_user=_env("AIRFLOW_USER", "listener"),
         airflow_password=_env("AIRFLOW_PASSWORD", ""),
         static_dir=_path("STATIC"),
@@ -152,6 +170,11 @@ def load_settings() -> Settings:
         model_mem_limit=_size("MODEL_MEM_LIMIT", str(int(_host_memory() * 0.75))),
         model_pids_limit=int(_env("MODEL_PIDS_LIMIT", "4096")),
         outbox_give_up=_duration("OUTBOX_GIVE_UP", "6h"),
+        notify_on=_events("NOTIFY_ON", ",".join(DEFAULT_EVENTS)),
+        notify_webhook=_env("NOTIFY_WEBHOOK", "").strip() or None,
+        notify_email=_list("NOTIFY_EMAIL"),
+        notify_smtp=_env("NOTIFY_SMTP", "").strip() or "smtp_default",
+        ui_url=(_env("UI_URL", "").strip() or airflow_url).rstrip("/"),
     )
 
 

@@ -18,6 +18,7 @@ from raddeploy_provider.config import Settings, load_settings
 from raddeploy_provider.flows import Flow, FlowError, id_cache, load_flow, load_flows
 from raddeploy_provider.flows.graph import REVIEW_TASK, SENSOR_TASK, return_task_id, send_task_id, task_edges
 from raddeploy_provider.flows.model import ModelSpec
+from raddeploy_provider.notifications import dag_arguments as notification_arguments
 from raddeploy_provider.operators.dicom_send import DicomSendOperator
 from raddeploy_provider.operators.model import ModelOperator
 from raddeploy_provider.operators.review import ReviewOperator
@@ -63,7 +64,7 @@ def build_dag(flow: Flow) -> DAG:
         max_active_tasks=MAX_ACTIVE_RUNS,
         tags=["raddeploy", *flow.tags],
         doc_md=f"Flow **{flow.name}** {flow.version} from `{flow.source}` (sha256 {flow.file_hash[:12]}).",
-        default_args={"retries": 0},
+        **notification_arguments(flow, default_args={"retries": 0}),  # callbacks, deadline alert
     )
     settings = load_settings()
     weight = {"priority_weight": 1 + flow.priority, "weight_rule": "absolute"}

@@ -11,6 +11,7 @@ from airflow.sdk import Context, Param
 
 from raddeploy_provider import review
 from raddeploy_provider.flows.model import Flow
+from raddeploy_provider.notifications import notify_rejection
 from raddeploy_provider.store import RunDir, manifest, read_header
 from raddeploy_provider.utils.run_note import set_run_note
 from raddeploy_provider.utils.runs import run_dir
@@ -64,6 +65,8 @@ class ReviewOperator(ApprovalOperator):
             manifest.record(run_dir(context), self.task_id, made.record())  # the task's manifest part
             set_run_note(self.flow.dag_id, context["run_id"], made.note())
             self.log.info("review: %s", made.note())
+            if not made.approved:  # who, never the reviewer's words: those may name the patient
+                notify_rejection(context, self.flow, made.by, timed_out=made.by == "timeout")
         return super().execute_complete(context, event)
 
     def _previews(self, context: Context, run: RunDir, results: list[Path]) -> list[tuple[str, str]]:
