@@ -34,6 +34,8 @@ class ReviewOperator(ApprovalOperator):
         if spec is None:
             raise ValueError(f"flow {flow.dag_id} has no `review: required`")
         default = self.APPROVE if spec.on_timeout == "approve" else self.REJECT
+        kwargs.setdefault("retries", 1)  # for a lost resume: see _lost_answer
+        kwargs.setdefault("retry_delay", timedelta(seconds=2))
         super().__init__(
             subject=f"Review {flow.name} {flow.version}".rstrip(),
             body="The results are being prepared.",
@@ -49,6 +51,9 @@ class ReviewOperator(ApprovalOperator):
 
     def execute(self, context: Context) -> Any:
         run = run_dir(context)
+        earlier = self._lost_answer(context, run)
+        if earlier is not None:
+            return self.execute_complete(context, earlier)
         results = review.rt_results(run, self.sent)
         self.body = review.review_body(self.flow, run, self.sent, previews=self._previews(context, run, results),
                                        volumes=self._volumes(run, results))
@@ -68,6 +73,23 @@ class ReviewOperator(ApprovalOperator):
             if not made.approved:  # who, never the reviewer's words: those may name the patient
                 notify_rejection(context, self.flow, made.by, timed_out=made.by == "timeout")
         return super().execute_complete(context, event)
+
+    def _lost_answer(self, context: Context, run: RunDir) -> dict[str, Any] | None:
+        """The answer to the try before this one, when it was given but never applied: Airflow 3.3
+        can lose the resume of a task answered within moments of parking (the executor's late exit
+        report for the same try marks the resumed task failed), and the retry must not ask the
+        reviewer again. A decision that was applied (in the manifest) is never reused: clearing the
+        review task after a decision asks again."""
+        from raddeploy_provider.utils.run_note import hitl_answer
+
+        try_number = context["ti"].try_number
+        if try_number <= 1 or self.task_id in manifest.assemble(run)["tasks"]:
+            return None
+        answer = hitl_answer(self.flow.dag_id, context["run_id"], self.task_id, try_number - 1)
+        if answer is not None:
+            self.log.warning("try %d was answered but not applied (Airflow lost its resume): applying that answer",
+                             try_number - 1)
+        return answer
 
     def _previews(self, context: Context, run: RunDir, results: list[Path]) -> list[tuple[str, str]]:
         """Pictures of the first RT result on its images, as (title, URL) for the body; none when

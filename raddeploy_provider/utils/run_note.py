@@ -39,6 +39,30 @@ def pool_slots(pool: str) -> int | None:
     return payload["slots"]
 
 
+def hitl_answer(dag_id: str, run_id: str, task_id: str, try_number: int) -> dict | None:
+    """The answer a person gave to one try of a human-in-the-loop task, as the event its
+    ``execute_complete`` takes (chosen options, params input, user, time); None when that try
+    was not answered or its detail cannot be read."""
+    from datetime import datetime
+
+    client = _client()
+    if client is None:
+        return None
+    path = (f"/api/v2/dags/{urllib.parse.quote(dag_id, safe='')}/dagRuns/{urllib.parse.quote(run_id, safe='')}"
+            f"/taskInstances/{urllib.parse.quote(task_id, safe='')}/-1/hitlDetails/tries/{try_number}")
+    try:
+        status, detail = client.get(path)
+    except AirflowUnavailable as exc:
+        log.info("answer to try %d of %s not read: %s", try_number, task_id, exc)
+        return None
+    if status != 200 or not isinstance(detail, dict) or not detail.get("chosen_options") \
+            or not detail.get("responded_at"):
+        return None
+    return {"chosen_options": detail["chosen_options"], "params_input": detail.get("params_input") or {},
+            "responded_by_user": detail.get("responded_by_user"),
+            "responded_at": datetime.fromisoformat(detail["responded_at"].replace("Z", "+00:00"))}
+
+
 def set_run_note(dag_id: str, run_id: str, note: str) -> bool:
     client = _client()
     if client is None:

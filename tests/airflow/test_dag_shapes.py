@@ -354,3 +354,34 @@ def test_review_stands_between_every_sending_model_and_every_send_task(tmp_path:
     plain = dag_of(tmp_path, "name: plain\ntriggers: [{Modality: CT}]\nmodels: [{image: 'a:1', inputs: {src: /i}, "
                              "outputs: {dst: /o}}]\ndestinations: [{host: t, port: 104, ae_title: T}]\n", "plain.yaml")
     assert "review" not in plain.task_ids
+
+
+def test_a_retry_of_the_review_applies_an_answer_airflow_lost_but_never_reuses_an_applied_one(
+        tmp_path: Path, monkeypatch) -> None:
+    """Airflow 3.3 can mark an approval task failed when a person answers within moments of its
+    parking (a late executor report of the same try); its retry applies that answer instead of
+    asking again. The lost resume is a fault of Airflow's we cannot cause on demand: the answer's
+    REST read is replaced here (tests/e2e/test_review_gate.py reads a real one)."""
+    from raddeploy_provider.store import manifest
+
+    dag = dag_of(tmp_path, """
+        name: reviewed
+        triggers: [{Modality: CT}]
+        review: required
+        models: [{name: seg, image: "a:1", inputs: {src: /in}, outputs: {dst: /out}}]
+        destinations: [{host: tps, port: 104, ae_title: TPS}]
+    """)
+    op = dag.get_task("review")
+    assert op.retries == 1
+    asked = []
+    answer = {"chosen_options": ["Reject"], "params_input": {"reason": "r"}, "responded_by_user": {"name": "dr_a"}}
+    monkeypatch.setattr("raddeploy_provider.utils.run_note.hitl_answer",
+                        lambda dag_id, run_id, task_id, try_number: asked.append(try_number) or answer)
+    monkeypatch.setenv("RADDEPLOY_DATA", str(tmp_path / "data"))
+    run = load_settings().data.run(dag.dag_id, "r1")
+    context = {"ti": SimpleNamespace(try_number=1), "run_id": "r1"}
+    assert op._lost_answer(context, run) is None and asked == []  # a first try asks the reviewer
+    context["ti"].try_number = 2
+    assert op._lost_answer(context, run) is answer and asked == [1]
+    manifest.record(run, "review", {"decision": "rejected", "by": "dr_a", "reason": "r"})
+    assert op._lost_answer(context, run) is None and asked == [1]  # applied once: a cleared review asks again

@@ -16,7 +16,8 @@ import pytest
 from dicom_factory import make_series
 from peers import storescu, wait_for
 from raddeploy_provider.airflow_client import AirflowClient
-from stack_factory import add_flow, run_finished, run_path, task_instances
+from raddeploy_provider.utils.run_note import hitl_answer
+from stack_factory import add_flow, run_finished, run_path, task_instances, task_log
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -79,7 +80,7 @@ def review_record(stack, dag_id: str, run_id: str) -> dict:
 
 
 def test_nothing_is_sent_before_approval_and_a_user_not_among_reviewers_is_refused(
-        stack, airflow, destination, flows, tmp_path):
+        stack, airflow, destination, flows, tmp_path, monkeypatch):
     before = set(destination.files())
     series, run_id = pushed(stack, tmp_path, "E2E review approve 1")
     detail = awaiting_review(airflow, REVIEWED, run_id)
@@ -103,6 +104,16 @@ def test_nothing_is_sent_before_approval_and_a_user_not_among_reviewers_is_refus
     assert airflow.get(run_path(REVIEWED, run_id))[1]["note"] == "Approved by admin: contours fine"
     assert review_record(stack, REVIEWED, run_id) == {"decision": "approved", "by": "admin", "reason": "contours fine"}
 
+    # What a retry of the review task would apply when Airflow loses a resume (ReviewOperator._lost_answer),
+    # read back as the listener's account reads it on a worker.
+    for name, value in stack.environment().items():
+        if name.startswith("RADDEPLOY_AIRFLOW_"):
+            monkeypatch.setenv(name, value)
+    earlier = hitl_answer(REVIEWED, run_id, "review", 1)
+    assert earlier["chosen_options"] == ["Approve"] and earlier["params_input"] == {"reason": "contours fine"}
+    assert earlier["responded_by_user"]["name"] == "admin" and earlier["responded_at"].tzinfo is not None
+    assert hitl_answer(REVIEWED, run_id, "review", 2) is None  # no such try
+
 
 def test_a_rejected_run_sends_nothing_and_says_who_rejected_and_why(stack, airflow, destination, flows, tmp_path):
     before = set(destination.files())
@@ -112,7 +123,8 @@ def test_a_rejected_run_sends_nothing_and_says_who_rejected_and_why(stack, airfl
     assert status == 200
     run = run_finished(airflow, REVIEWED, run_id)
     tasks = task_instances(airflow, REVIEWED, run_id)
-    assert (run["state"], tasks["review"]["state"], tasks["send_0_E2EDEST"]["state"]) == ("success", "success", "skipped")
+    states = (run["state"], tasks["review"]["state"], tasks["send_0_E2EDEST"]["state"])
+    assert states == ("success", "success", "skipped"), task_log(airflow, REVIEWED, run_id, "review")
     assert run["note"] == "Rejected, nothing sent by admin: lung contour leaks into the stomach"
     assert review_record(stack, REVIEWED, run_id) == {"decision": "rejected", "by": "admin",
                                                       "reason": "lung contour leaks into the stomach"}
