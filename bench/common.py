@@ -180,3 +180,41 @@ def print_end(verdicts: list[str], t_start: float, cache: Path) -> None:
     for line in verdicts:
         print(f"- {line}")
     print(f"\n(benchmark took {time.monotonic() - t_start:.0f} s; data sets cached in {cache})")
+
+
+# -- CPU accounting ---------------------------------------------------------------------------
+#: Process titles -> the component they count as (first match wins); Airflow retitles its processes.
+COMPONENTS = (("scheduler", "scheduler"), ("api-server", "api-server"), ("api_server", "api-server"),
+              ("dag-processor", "dag-processor"), ("dag_processor", "dag-processor"), ("triggerer", "triggerer"),
+              ("LocalExecutor", "tasks (executor workers)"), ("-m listener", "listener"),
+              ("airflow standalone", "standalone"))
+
+
+def cpu_seconds_by_component(root: int | None = None) -> dict[str, float]:
+    """CPU seconds (user + system, with reaped children's) of every live process under ``root``
+    (default: this process), by component. Task processes are the executor workers' children:
+    their time is in the workers' once reaped. Containers (the models) are not under ``root``."""
+    root = root or os.getpid()
+    tick = os.sysconf("SC_CLK_TCK")
+    procs: dict[int, tuple[int, str, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        ppid, cpu = int(fields[1]), sum(int(x) for x in fields[11:15]) / tick
+        procs[int(entry.name)] = (ppid, cmd, cpu)
+    totals: dict[str, float] = {}
+    for pid, (ppid, cmd, cpu) in procs.items():
+        up, seen = ppid, 0
+        while up not in (root, 0, 1) and up in procs and seen < 50:
+            up, seen = procs[up][0], seen + 1
+        if up != root or pid == root:
+            continue
+        name = next((component for marker, component in COMPONENTS if marker in cmd), "other")
+        totals[name] = totals.get(name, 0.0) + cpu
+    return totals

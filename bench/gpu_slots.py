@@ -1,11 +1,21 @@
-"""GPU slots kept busy: 20 studies of a flow whose GPU model sleeps 2 s, on 2 GPU slots.
+"""GPU slots kept busy: a burst of studies on 2 GPU slots, and what Airflow costs per run.
 
-Starts the embedded stack with two pretend GPUs (RADDEPLOY_GPUS=0,1, environment mode: no
-GPU needed), pushes 20 one-slice studies back to back with DCMTK storescu, and waits for
-20 successful runs. Reports the wall time against the ideal (20 x 2 s / 2 slots = 20 s)
-and, from the run manifests, the share of the busy span in which both GPUs were in use.
+Starts the embedded stack with two pretend GPUs (RADDEPLOY_GPUS=0,1, environment mode: no GPU
+needed), pushes the studies back to back with DCMTK storescu, and waits until every run has
+succeeded. A flow's GPU model sleeps ``--sleep`` s; with ``--cpu-flow`` a second flow with a
+CPU model (sleeping 1 s) matches every study too. Reports, from the run manifests and the REST
+API:
 
-    .venv/bin/python bench/gpu_slots.py [--studies 20] [--sleep 2]
+- wall time from first push to last success against the ideal (studies x sleep / 2 slots);
+- the share of the GPU span in which both GPUs were in use, and the same share counted only
+  while a GPU task was ready and waiting (its sensor done, its container not started);
+- the longest time a ready GPU task waited while a GPU slot was free;
+- CPU seconds per run spent outside the models (every process of the stack, by component:
+  scheduler, API server, DAG processor, triggerer, task processes, listener);
+- that every study got exactly one run of each flow (none lost, none duplicated).
+
+    .venv/bin/python bench/gpu_slots.py            # 20 one-slice studies, one GPU flow
+    .venv/bin/python bench/gpu_slots.py --burst    # 50 studies of 20 slices, GPU + CPU flows
 """
 
 from __future__ import annotations
@@ -13,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -20,92 +31,180 @@ from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import cpu_seconds_by_component  # noqa: E402
 from dicom_factory import make_series  # noqa: E402
 from peers import free_port, storescu  # noqa: E402
 
 from raddeploy_provider.airflow_client import AirflowClient  # noqa: E402
 from raddeploy.embedded import EmbeddedStack  # noqa: E402
 
+GPU_FLOW, CPU_FLOW = "bench_gpu_slots", "bench_cpu_model"
 FLOW = """
-name: Bench GPU slots
-id: bench_gpu_slots
+name: Bench {what}
+id: {dag_id}
 triggers: [{{Modality: CT}}]
 grouping: {{quiet_period: 1s}}
 models:
-  - name: gpu_model
+  - name: model
     image: "raddeploy/busybox:latest"
     command: ["sh", "-c", "echo $NVIDIA_VISIBLE_DEVICES > /output/gpu; sleep {sleep}"]
-    gpu: 1
+    gpu: {gpu}
     inputs: {{src: /input}}
     outputs: {{dst: /output}}   # no destinations: nothing is sent
 """
 
 
-def both_busy_share(intervals: list[tuple[float, float]]) -> tuple[float, float]:
-    """(span from first start to last end, share of it with >= 2 intervals open)."""
-    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
-    busy2, open_, last = 0.0, 0, events[0][0]
-    for t, delta in events:
-        if open_ >= 2:
-            busy2 += t - last
-        open_ += delta
+def busy_share(intervals: list[tuple[float, float]], within: list[tuple[float, float]] | None = None
+               ) -> tuple[float, float]:
+    """(span from first start to last end, share of it with >= 2 intervals open); with
+    ``within``, both counted only while at least one of ``within`` is open."""
+    events = sorted([(s, 0, 1) for s, _ in intervals] + [(e, 0, -1) for _, e in intervals]
+                    + [(s, 1, 1) for s, _ in within or []] + [(e, 1, -1) for _, e in within or []])
+    busy2 = counted = 0.0
+    open_, gate, last = 0, 0, events[0][0]
+    for t, kind, delta in events:
+        if within is None or gate > 0:
+            counted += t - last
+            if open_ >= 2:
+                busy2 += t - last
+        if kind == 0:
+            open_ += delta
+        else:
+            gate += delta
         last = t
-    span = events[-1][0] - events[0][0]
-    return span, busy2 / span if span else 0.0
+    return counted, busy2 / counted if counted else 0.0
+
+
+def longest_wait_with_free_slot(ready: list[tuple[float, float]], running: list[tuple[float, float]]) -> float:
+    """The longest stretch a task was ready (ready, started) while fewer than 2 tasks ran."""
+    worst = 0.0
+    for r0, r1 in ready:
+        cuts = sorted({r0, r1, *(t for s, e in running for t in (s, e) if r0 < t < r1)})
+        free = 0.0
+        for a, b in zip(cuts, cuts[1:]):
+            mid = (a + b) / 2
+            if sum(s <= mid < e for s, e in running) < 2:
+                free += b - a
+        worst = max(worst, free)
+    return worst
+
+
+def when(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--studies", type=int, default=20)
+    parser.add_argument("--slices", type=int, default=1)
     parser.add_argument("--sleep", type=float, default=2.0)
+    parser.add_argument("--cpu-flow", action="store_true", help="a second flow, with a CPU model, on every study")
+    parser.add_argument("--burst", action="store_true", help="50 studies of 20 slices, GPU and CPU flows")
     args = parser.parse_args()
+    if args.burst:
+        args.studies, args.slices, args.cpu_flow = 50, 20, True
     work = Path(tempfile.mkdtemp(prefix="raddeploy-bench-gpu-"))
     flows = work / "flows"
     flows.mkdir()
-    (flows / "gpu.yaml").write_text(FLOW.format(sleep=args.sleep))
+    (flows / "gpu.yaml").write_text(FLOW.format(what="GPU slots", dag_id=GPU_FLOW, sleep=args.sleep, gpu=1))
+    dag_ids = [GPU_FLOW]
+    if args.cpu_flow:
+        (flows / "cpu.yaml").write_text(FLOW.format(what="CPU model", dag_id=CPU_FLOW, sleep=1, gpu=0))
+        dag_ids.append(CPU_FLOW)
     stack = EmbeddedStack(home=work / "home", flows_dir=flows, api_port=free_port(), dicom_port=free_port(),
                           listen_host="127.0.0.1",
                           extra_env={"RADDEPLOY_GPUS": "0,1", "RADDEPLOY_GPU_MODE": "env",
                                      "RADDEPLOY_GPU_LOCK_DIR": str(work / "locks")})
-    studies = [make_series(work / f"s{i}", slices=1, size=16) for i in range(args.studies + 1)]
+    studies = [make_series(work / f"s{i}", slices=args.slices if i else 1, size=64 if args.slices > 1 else 16)
+               for i in range(args.studies + 1)]
     stack.start()
-    client = AirflowClient(stack.api_url, "admin", stack.passwords()["admin"])
+    client = AirflowClient(stack.api_url, "admin", stack.passwords()["admin"], timeout=30)
+
+    def runs(dag_id: str) -> dict[str, str]:
+        found, offset = {}, 0
+        while True:
+            status, page = client.get(f"/api/v2/dags/{dag_id}/dagRuns?limit=100&offset={offset}")
+            assert status == 200, page
+            found.update({r["dag_run_id"]: r["state"] for r in page["dag_runs"]})
+            offset += 100
+            if offset >= page["total_entries"]:
+                return found
 
     def succeeded(study_uids: list[str]) -> int:
-        runs = {r["dag_run_id"]: r["state"] for r in client.dag_runs("bench_gpu_slots")}
-        return sum(runs.get(f"{uid}.1") == "success" for uid in study_uids)
+        """Successful runs of the studies, all flows (one listing per flow: a light poll)."""
+        return sum(sum(states.get(f"{uid}.1") == "success" for uid in study_uids)
+                   for states in (runs(d) for d in dag_ids))
 
     try:
         warm = studies[0]  # the first task after start is slower (lazy app build): not measured
         assert storescu(stack.dicom_port, warm.files).returncode == 0
-        while succeeded([warm.study_uid]) < 1:
+        while succeeded([warm.study_uid]) < len(dag_ids):
             time.sleep(0.5)
+        time.sleep(2)  # let the warm-up's task processes be reaped before counting CPU
+        cpu0 = cpu_seconds_by_component()
         t0 = time.monotonic()
         for s in studies[1:]:
             assert storescu(stack.dicom_port, s.files).returncode == 0
         uids = [s.study_uid for s in studies[1:]]
-        while succeeded(uids) < len(uids):
-            if time.monotonic() - t0 > 600:
-                raise SystemExit(f"not all runs succeeded in 600 s; see {stack.logs_dir}")
-            time.sleep(0.5)
+        while succeeded(uids) < len(uids) * len(dag_ids):
+            if time.monotonic() - t0 > 900:
+                raise SystemExit(f"not all runs succeeded in 900 s; see {stack.logs_dir}")
+            time.sleep(1)
         wall = time.monotonic() - t0
+        time.sleep(2)
+        cpu1 = cpu_seconds_by_component()
+        all_runs = {d: runs(d) for d in dag_ids}
+        ready, running, per_gpu, phases = [], [], {}, []
+        for uid in uids:
+            run_id = f"{uid}.1"
+            task = json.loads((stack.data_dir / "runs" / GPU_FLOW / run_id / "manifest.json")
+                              .read_text())["tasks"]["model"]
+            start, end = when(task["started"]), when(task["ended"])
+            running.append((start, end))
+            per_gpu[task["gpus"][0]] = per_gpu.get(task["gpus"][0], 0) + 1
+            status, body = client.get(f"/api/v2/dags/{GPU_FLOW}/dagRuns/{run_id}/taskInstances")
+            tis = {t["task_id"]: t for t in body["task_instances"]}
+            sensor, model = tis["fingerprint"], tis["model"]
+            ready.append((when(sensor["end_date"]), start))
+            _, run = client.get(f"/api/v2/dags/{GPU_FLOW}/dagRuns/{run_id}")
+            phases.append({"run queued -> sensor started": when(sensor["start_date"]) - when(run["queued_at"]),
+                           "sensor ran": when(sensor["end_date"]) - when(sensor["start_date"]),
+                           "sensor ended -> model queued": when(model["queued_when"]) - when(sensor["end_date"]),
+                           "model queued -> task started": when(model["start_date"]) - when(model["queued_when"]),
+                           "task started -> container started": start - when(model["start_date"]),
+                           "container ended -> run ended": when(run["end_date"]) - end})
     finally:
         stack.stop()
-    intervals, per_gpu = [], {}
-    for uid in uids:
-        task = json.loads((stack.data_dir / "runs" / "bench_gpu_slots" / f"{uid}.1" / "manifest.json")
-                          .read_text())["tasks"]["gpu_model"]
-        start, end = (datetime.fromisoformat(task[k]).timestamp() for k in ("started", "ended"))
-        intervals.append((start, end))
-        per_gpu[task["gpus"][0]] = per_gpu.get(task["gpus"][0], 0) + 1
-    span, share = both_busy_share(intervals)
+    span, share = busy_share(running)
+    waiting, share_waiting = busy_share(running, within=ready)
+    worst = longest_wait_with_free_slot(ready, running)
     ideal = args.studies * args.sleep / 2
-    print(f"{args.studies} studies, model sleeps {args.sleep:g} s on 1 GPU, 2 GPU slots")
-    print(f"wall time, first push -> last run succeeded: {wall:.1f} s   (ideal {ideal:.0f} s: {ideal / wall:.2f}x of ideal)")
-    print(f"GPU tasks: first start -> last end {span:.1f} s; both GPUs busy {share * 100:.0f}% of it")
+    expected = {f"{uid}.1" for uid in uids} | {f"{warm.study_uid}.1"}
+    lost_or_extra = {d: sorted(set(r) ^ expected) for d, r in all_runs.items() if set(r) != expected}
+    cpu = {name: cpu1.get(name, 0.0) - cpu0.get(name, 0.0) for name in cpu1}
+    n_runs = len(uids) * len(dag_ids)
+    print(f"{args.studies} studies of {args.slices} slice(s); GPU model sleeps {args.sleep:g} s on 1 GPU, 2 GPU slots"
+          + ("; a CPU flow (model sleeps 1 s) on every study too" if args.cpu_flow else ""))
+    print(f"wall time, first push -> last run succeeded: {wall:.1f} s   (ideal {ideal:.0f} s: "
+          f"{ideal / wall:.2f}x of ideal)")
+    print(f"GPU tasks: first start -> last end {span:.1f} s; both GPUs busy {share * 100:.0f}% of it; "
+          f"while GPU work waited ({waiting:.1f} s): {share_waiting * 100:.0f}%")
+    print(f"longest time a ready GPU task waited with a GPU slot free: {worst:.1f} s")
+    print(f"CPU outside the models: {sum(cpu.values()):.0f} s for {n_runs} runs = "
+          f"{sum(cpu.values()) / n_runs:.2f} s per run ("
+          + ", ".join(f"{name} {seconds / n_runs:.2f}" for name, seconds in sorted(cpu.items(), key=lambda x: -x[1])
+                      if seconds / n_runs >= 0.01) + ")")
+    print("one GPU run, median (max) s: " + "; ".join(
+        f"{name} {statistics.median(p[name] for p in phases):.2f} ({max(p[name] for p in phases):.1f})"
+        for name in phases[0]))
     print(f"tasks per GPU id: {dict(sorted(per_gpu.items()))}")
+    print("runs: every study exactly one run of each flow" if not lost_or_extra
+          else f"RUNS LOST OR DUPLICATED: {lost_or_extra}")
     shutil.rmtree(work, ignore_errors=True)  # kept only when the benchmark failed, to look into
+    if lost_or_extra:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -67,21 +67,21 @@ def build_dag(flow: Flow) -> DAG:
         **notification_arguments(flow, default_args={"retries": 0}),  # callbacks, deadline alert
     )
     settings = load_settings()
-    weight = {"priority_weight": 1 + flow.priority, "weight_rule": "absolute"}
+    weight = _weights(flow)
     with dag:
         # One retry, for Airflow 3.3's resume-after-defer race: when the trigger fires before the
         # executor has reported the deferring workload's exit, that late "success" event for the same
         # try is taken as a mismatch and the resumed, running sensor is marked failed (seen once in CI
         # under load). Taking the input again is idempotent (snapshot links, the closed run).
         sensor = FingerprintSensor(task_id=SENSOR_TASK, flow=flow, retries=1, retry_delay=timedelta(seconds=2),
-                                   **weight)
+                                   **weight["sensor"])
         tasks = {}
         for model in flow.models:
-            tasks[model.name] = model_task(flow, model, settings, **weight)
+            tasks[model.name] = model_task(flow, model, settings, **weight["model"])
         senders = [m for m in flow.models if m.sent_outputs]
         send_args = dict(sources=[out for m in senders for out in m.sent_outputs], check_patient=not flow.new_patient,
                          check_study=not flow.new_study, retries=SEND_RETRIES,
-                         retry_delay=timedelta(seconds=10), retry_exponential_backoff=2.0, **weight)
+                         retry_delay=timedelta(seconds=10), retry_exponential_backoff=2.0, **weight["send"])
         for i, dest in enumerate(flow.destinations):
             tasks[send_task_id(i, dest)] = DicomSendOperator(
                 task_id=send_task_id(i, dest), dicom_conn_id=dest.connection, host=dest.host, port=dest.port,
@@ -90,11 +90,24 @@ def build_dag(flow: Flow) -> DAG:
             tasks[return_task_id(port)] = DicomSendOperator(
                 task_id=return_task_id(port), return_to_sender_port=port, **send_args)
         if flow.review:  # between the models and every send task
-            tasks[REVIEW_TASK] = ReviewOperator(task_id=REVIEW_TASK, flow=flow, sent=send_args["sources"], **weight)
+            tasks[REVIEW_TASK] = ReviewOperator(task_id=REVIEW_TASK, flow=flow, sent=send_args["sources"],
+                                                **weight["review"])
         tasks[SENSOR_TASK] = sensor
         for edge in task_edges(flow):  # the one reading of the graph, shared with `raddeploy graph`
             tasks[edge.upstream] >> tasks[edge.downstream]
     return dag
+
+
+#: Priority of each kind of task over the others when workers are busy (Airflow picks the highest
+#: ``priority_weight`` first), the flow's own ``priority`` (0-4) within a kind: runs already under
+#: way finish first (sends, then models: a free GPU slot is filled before another study's sensor
+#: gets a worker), and new runs start after.
+STAGE_WEIGHT = {"sensor": 1, "review": 1, "model": 11, "send": 21}
+
+
+def _weights(flow: Flow) -> dict[str, dict[str, Any]]:
+    return {kind: {"priority_weight": base + flow.priority, "weight_rule": "absolute"}
+            for kind, base in STAGE_WEIGHT.items()}
 
 
 def build_invalid_dag(error: FlowError) -> DAG:

@@ -7,6 +7,7 @@ Notes hold trigger descriptions, counts and UIDs, never patient data.
 
 from __future__ import annotations
 
+import functools
 import logging
 import urllib.parse
 
@@ -17,10 +18,16 @@ log = logging.getLogger(__name__)
 
 
 def _client() -> AirflowClient | None:
+    """One client per task process (one login for all its notes and reads)."""
     settings = load_settings()
     if not settings.airflow_password:
         return None
-    return AirflowClient(settings.airflow_url, settings.airflow_user, settings.airflow_password, timeout=5)
+    return _client_for(settings.airflow_url, settings.airflow_user, settings.airflow_password)
+
+
+@functools.lru_cache(maxsize=4)
+def _client_for(url: str, user: str, password: str) -> AirflowClient:
+    return AirflowClient(url, user, password, timeout=5)
 
 
 def pool_slots(pool: str) -> int | None:

@@ -153,7 +153,7 @@ def test_several_dst_outputs_and_destinations(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("priority", [0, 2, 4])
-def test_priority_weights_every_task(tmp_path: Path, priority: int) -> None:
+def test_priority_orders_sends_models_sensors_then_flows(tmp_path: Path, priority: int) -> None:
     dag = dag_of(tmp_path, f"""
         name: p
         priority: {priority}
@@ -165,7 +165,11 @@ def test_priority_weights_every_task(tmp_path: Path, priority: int) -> None:
         return_to_sender: [104]
     """)
     assert sorted(t.task_id for t in dag.tasks) == ["a", "b", "fingerprint", "send_0_tps", "send_to_sender_104"]
-    assert {(t.priority_weight, str(t.weight_rule)) for t in dag.tasks} == {(1 + priority, "absolute")}
+    weights = {t.task_id: t.priority_weight for t in dag.tasks}
+    assert {str(t.weight_rule) for t in dag.tasks} == {"absolute"}
+    # runs under way first: sends, then models, then the sensors of new runs; the flow's priority within each
+    assert weights == {"fingerprint": 1 + priority, "a": 11 + priority, "b": 11 + priority,
+                       "send_0_tps": 21 + priority, "send_to_sender_104": 21 + priority}
 
 
 def test_gpu_models_go_to_the_gpu_pool_and_queue(tmp_path: Path) -> None:
