@@ -212,6 +212,9 @@ class EmbeddedStack:
             "RADDEPLOY_AE_TITLE": self.ae_title,
             "PYTHONUNBUFFERED": "1",
         }
+        if env.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "sqlite").startswith("sqlite"):
+            # SQLite's busy timeouts, per component (raddeploy/airflow_sqlite.py says why).
+            env.setdefault("AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS", "raddeploy.airflow_sqlite.CONNECT_ARGS")
         env.update(self.extra_env)
         return env
 

@@ -66,7 +66,7 @@ class FingerprintSensor(BaseSensorOperator):
             time.sleep(state.quiet_left + 0.05)
             state = readiness(self.flow, index, uid)
         if state.ready:
-            return self._take_input(context, uid)
+            return self._take_input(context, uid, noted=False)
         self.log.info("waiting: %s", state.waiting_for)
         set_run_note(self.flow.dag_id, context["run_id"], f"Waiting: {state.waiting_for}")
         self.defer(
@@ -99,7 +99,11 @@ class FingerprintSensor(BaseSensorOperator):
             raise AirflowFailException(message)
         raise AirflowSkipException(message)
 
-    def _take_input(self, context: Context, uid: str) -> dict[str, Any]:
+    def _take_input(self, context: Context, uid: str, noted: bool = True) -> dict[str, Any]:
+        """Close the run and snapshot its input; the run note is written when there is something
+        to say (a GPU shortfall) or an earlier note to replace (``noted``: the sensor deferred with
+        a "Waiting" note). Every note is a write to Airflow's public API, and on SQLite each one
+        can stall its API server under load (see docs/architecture.md, "Cost per run")."""
         from raddeploy_provider.dicom.transcode import CannotConvert  # pydicom's codecs: not at DAG parse
 
         store = self.store
@@ -130,7 +134,8 @@ class FingerprintSensor(BaseSensorOperator):
         if waiting:  # the model tasks will sit in "scheduled": say why where people look
             self.log.warning("%s", waiting)
             note += f". {waiting[0].upper()}{waiting[1:]}"
-        set_run_note(self.flow.dag_id, context["run_id"], note)
+        if waiting or noted:
+            set_run_note(self.flow.dag_id, context["run_id"], note)
         return summary
 
     def _gpu_shortfall(self) -> str | None:
