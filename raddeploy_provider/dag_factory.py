@@ -77,7 +77,7 @@ def build_dag(flow: Flow) -> DAG:
                                    **weight["sensor"])
         tasks = {}
         for model in flow.models:
-            tasks[model.name] = model_task(flow, model, settings, **weight["model"])
+            tasks[model.name] = model_task(flow, model, settings, **weight["gpu_model" if model.gpu else "model"])
         senders = [m for m in flow.models if m.sent_outputs]
         send_args = dict(sources=[out for m in senders for out in m.sent_outputs], check_patient=not flow.new_patient,
                          check_study=not flow.new_study, retries=SEND_RETRIES,
@@ -100,9 +100,10 @@ def build_dag(flow: Flow) -> DAG:
 
 #: Priority of each kind of task over the others when workers are busy (Airflow picks the highest
 #: ``priority_weight`` first), the flow's own ``priority`` (0-4) within a kind: runs already under
-#: way finish first (sends, then models: a free GPU slot is filled before another study's sensor
-#: gets a worker), and new runs start after.
-STAGE_WEIGHT = {"sensor": 1, "review": 1, "model": 11, "send": 21}
+#: way finish first (sends, then GPU models, then CPU models: a free GPU slot is filled before a
+#: CPU model or another study's sensor takes the worker; the GPU pool keeps GPU models from ever
+#: holding more workers than there are GPU slots), and new runs start after.
+STAGE_WEIGHT = {"sensor": 1, "review": 1, "model": 11, "gpu_model": 16, "send": 26}
 
 
 def _weights(flow: Flow) -> dict[str, dict[str, Any]]:

@@ -40,7 +40,7 @@ FLOW = (
     Key("description", "text", "Shown as the DAG's description in the Airflow UI.", '""',
         "Head and neck organs at risk"),
     Key("priority", "priority", "0 to 4; higher runs first when workers are busy (Airflow `priority_weight`), "
-        "within each kind of task: sends first, then models, then sensors of new runs.",
+        "within each kind of task: sends first, then GPU models, CPU models, sensors of new runs.",
         "0", "2"),
     Key("tags", "tags", "Extra Airflow tags, to filter DAGs in the UI.", "[]", "[hn, oar]"),
     Key("triggers", "triggers", "Which studies run the flow: a list of triggers; each maps DICOM keywords to a "

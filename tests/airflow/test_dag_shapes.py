@@ -159,7 +159,7 @@ def test_priority_orders_sends_models_sensors_then_flows(tmp_path: Path, priorit
         priority: {priority}
         triggers: [{{Modality: CT}}]
         models:
-          - {{name: a, image: "a:1", inputs: {{src: /in}}, outputs: {{x: /out}}}}
+          - {{name: a, image: "a:1", gpu: 1, inputs: {{src: /in}}, outputs: {{x: /out}}}}
           - {{name: b, image: "b:1", inputs: {{x: /in}}, outputs: {{dst: /out}}}}
         destinations: [{{connection: tps}}]
         return_to_sender: [104]
@@ -167,9 +167,10 @@ def test_priority_orders_sends_models_sensors_then_flows(tmp_path: Path, priorit
     assert sorted(t.task_id for t in dag.tasks) == ["a", "b", "fingerprint", "send_0_tps", "send_to_sender_104"]
     weights = {t.task_id: t.priority_weight for t in dag.tasks}
     assert {str(t.weight_rule) for t in dag.tasks} == {"absolute"}
-    # runs under way first: sends, then models, then the sensors of new runs; the flow's priority within each
-    assert weights == {"fingerprint": 1 + priority, "a": 11 + priority, "b": 11 + priority,
-                       "send_0_tps": 21 + priority, "send_to_sender_104": 21 + priority}
+    # runs under way first: sends, then GPU models, CPU models, then the sensors of new runs; the
+    # flow's priority within each
+    assert weights == {"fingerprint": 1 + priority, "a": 16 + priority, "b": 11 + priority,
+                       "send_0_tps": 26 + priority, "send_to_sender_104": 26 + priority}
 
 
 def test_gpu_models_go_to_the_gpu_pool_and_queue(tmp_path: Path) -> None:
