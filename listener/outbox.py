@@ -1,10 +1,5 @@
 """Delivers the outbox's trigger records to Airflow, in the background, until they stick.
 
-A trigger waits while an association is still sending its study (up to the sensor's notion of
-a stalled association): the run then starts on a study that is complete but for its quiet
-period, which its sensor waits out on the worker instead of deferring to the triggerer and
-being resumed (a second task start: seconds of CPU in a burst of studies).
-
 The index commits a trigger record with the instance that caused it; this loop only posts
 what is there. So a trigger survives a crash of the listener and an outage of Airflow:
 on start, and whenever Airflow comes back, everything pending is posted again, and the
@@ -18,7 +13,6 @@ import threading
 import time
 
 from raddeploy_provider.airflow_client import AirflowClient, AirflowUnavailable, TriggerRejected
-from raddeploy_provider.completion import SENDING_STALE_AFTER
 from raddeploy_provider.store import StudyIndex
 from raddeploy_provider.units import format_duration
 
@@ -65,7 +59,7 @@ class OutboxDelivery:
             self._wake.clear()
             try:
                 self.deliver_pending()
-                due = self.index.next_trigger_due(self._held_since())  # in the try: an index briefly unreachable must not end it
+                due = self.index.next_trigger_due()  # in the try: an index briefly unreachable must not end it
             except AirflowUnavailable as exc:
                 log.warning("Airflow unreachable (%s); triggers stay in the outbox, retry in %.0f s",
                             exc, backoff)
@@ -81,14 +75,10 @@ class OutboxDelivery:
             wait = 5.0 if due is None else min(5.0, max(0.0, due - time.time()))
             self._wake.wait(timeout=wait)
 
-    @staticmethod
-    def _held_since() -> float:
-        return time.time() - SENDING_STALE_AFTER
-
     def deliver_pending(self) -> int:
         """Post every trigger that is due once; return how many Airflow refused."""
         refused = 0
-        for item in self.index.pending_triggers(hold_while_sent_since=self._held_since()):
+        for item in self.index.pending_triggers():
             try:
                 outcome = self.client.trigger(item.dag_id, item.run_id, item.conf)
             except AirflowUnavailable as exc:

@@ -71,7 +71,6 @@ class Listener:
             self.store.index.association_ended(sender.association)
         finally:
             self.store.index.release()
-        self.outbox.wake()  # its studies' triggers were held while it sent
 
     def handle_store(self, path: Path, sender: Sender, head: bytes, request: StoreRequest | None = None) -> int:
         """A received file (consumed either way): into the store, runs opened, the DIMSE status for the sender.

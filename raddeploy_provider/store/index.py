@@ -393,26 +393,19 @@ class StudyIndex:
         return [RunRef(r["dag_id"], r["run_id"], r["study_uid"], r["generation"]) for r in rows]
 
     # -- outbox ------------------------------------------------------------------------
-    def pending_triggers(self, limit: int = 100, now: float | None = None,
-                         hold_while_sent_since: float | None = None) -> list[OutboxItem]:
-        """Triggers to post now: not delivered, not given up, due (a refused one waits its back-off);
-        with ``hold_while_sent_since``, not those whose study an open association has sent to since
-        then (posted when it ends: the run's sensor then finds the study complete and need not defer)."""
-        held, args = _held(hold_while_sent_since)
+    def pending_triggers(self, limit: int = 100, now: float | None = None) -> list[OutboxItem]:
+        """Triggers to post now: not delivered, not given up, due (a refused one waits its back-off)."""
         with self._read() as db:
             rows = db.execute(
                 "SELECT * FROM outbox WHERE delivered_at IS NULL AND given_up_at IS NULL AND next_attempt_at <= ? "
-                f"{held} ORDER BY next_attempt_at, id LIMIT ?",
-                (time.time() if now is None else now, *args, limit)).fetchall()
+                "ORDER BY next_attempt_at, id LIMIT ?", (time.time() if now is None else now, limit)).fetchall()
         return [_outbox_item(r) for r in rows]
 
-    def next_trigger_due(self, hold_while_sent_since: float | None = None) -> float | None:
-        """When the next pending trigger is due (a time), or None when none is pending (held ones,
-        as :meth:`pending_triggers` holds them, are not pending)."""
-        held, args = _held(hold_while_sent_since)
+    def next_trigger_due(self) -> float | None:
+        """When the next pending trigger is due (a time), or None when none is pending."""
         with self._read() as db:
             row = db.execute("SELECT MIN(next_attempt_at) AS due FROM outbox WHERE delivered_at IS NULL "
-                             f"AND given_up_at IS NULL {held}", args).fetchone()
+                             "AND given_up_at IS NULL").fetchone()
         return row["due"]
 
     def given_up_triggers(self) -> list[OutboxItem]:
@@ -464,15 +457,6 @@ _STUDY_INSTANCES = "SELECT * FROM instances WHERE study_uid = ? ORDER BY receive
 #: A flow's runs of a study: its last generation, and how many are collecting (open, not abandoned).
 _RUNS_OF_STUDY = ("SELECT MAX(generation) AS g, COUNT(*) FILTER (WHERE state = 'open' AND opened_at > ?) AS n_open "
                   "FROM runs WHERE dag_id = ? AND study_uid = ?")
-def _held(sent_since: float | None) -> tuple[str, tuple]:
-    """The outbox condition that holds a trigger while its study is being sent (see pending_triggers)."""
-    if sent_since is None:
-        return "", ()
-    return ("AND NOT EXISTS (SELECT 1 FROM runs JOIN receiving ON receiving.study_uid = runs.study_uid "
-            "WHERE runs.dag_id = outbox.dag_id AND runs.run_id = outbox.run_id AND receiving.last_seen >= ?)",
-            (sent_since,))
-
-
 _UPSERT_RECEIVING = ("INSERT INTO receiving VALUES (?,?,?) ON CONFLICT (study_uid, association) "
                      "DO UPDATE SET last_seen = excluded.last_seen")
 _UPSERT_INSTANCE = (f"INSERT INTO instances ({', '.join(INSTANCE_COLUMNS)}) "

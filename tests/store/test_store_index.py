@@ -161,24 +161,6 @@ def test_outbox(index: StudyIndex, tmp_path: Path) -> None:
     assert rows[third.id] == (0, "", 0)
 
 
-def test_a_trigger_is_held_while_an_association_sends_its_study(index: StudyIndex) -> None:
-    """Posted when the association ends (or stops sending long enough): the run's sensor then
-    finds the study complete but for its quiet period."""
-    index.add(inst(1), {"a": NEVER}, association="assoc-1")
-    index.add(inst(2, study=OTHER_STUDY), {"a": NEVER})  # another study, sent by nobody now
-    since = time.time() - 60
-    assert [p.run_id for p in index.pending_triggers(hold_while_sent_since=since)] == [f"{OTHER_STUDY}.1"]
-    assert len(index.pending_triggers()) == 2  # without holding (the default), both
-    other = index.pending_triggers(hold_while_sent_since=since)[0]
-    index.mark_delivered(other.id)
-    assert index.next_trigger_due(hold_while_sent_since=since) is None  # held: nothing due, no busy loop
-    assert index.next_trigger_due() is not None
-    assert [p.run_id for p in index.pending_triggers(hold_while_sent_since=time.time() + 1)] == [f"{STUDY}.1"]  # stale
-    index.association_ended("assoc-1")
-    assert [p.run_id for p in index.pending_triggers(hold_while_sent_since=since)] == [f"{STUDY}.1"]
-    assert index.next_trigger_due(hold_while_sent_since=since) is not None
-
-
 def test_failed_attempt_keeps_a_short_error(index: StudyIndex) -> None:
     index.add(inst(1), {"a": NEVER})
     [item] = index.pending_triggers()
