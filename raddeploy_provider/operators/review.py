@@ -13,7 +13,7 @@ from raddeploy_provider import review
 from raddeploy_provider.flows.model import Flow
 from raddeploy_provider.notifications import notify_rejection
 from raddeploy_provider.store import RunDir, manifest, read_header
-from raddeploy_provider.utils.run_note import set_run_note
+from raddeploy_provider.utils.run_note import hitl_answer, set_run_note
 from raddeploy_provider.utils.runs import run_dir
 
 class ReviewOperator(ApprovalOperator):
@@ -80,8 +80,6 @@ class ReviewOperator(ApprovalOperator):
         report for the same try marks the resumed task failed), and the retry must not ask the
         reviewer again. A decision that was applied (in the manifest) is never reused: clearing the
         review task after a decision asks again."""
-        from raddeploy_provider.utils.run_note import hitl_answer
-
         try_number = context["ti"].try_number
         if try_number <= 1 or self.task_id in manifest.assemble(run)["tasks"]:
             return None

@@ -380,7 +380,7 @@ def test_a_retry_of_the_review_applies_an_answer_airflow_lost_but_never_reuses_a
     assert op.retries == 1
     asked = []
     answer = {"chosen_options": ["Reject"], "params_input": {"reason": "r"}, "responded_by_user": {"name": "dr_a"}}
-    monkeypatch.setattr("raddeploy_provider.utils.run_note.hitl_answer",
+    monkeypatch.setattr("raddeploy_provider.operators.review.hitl_answer",
                         lambda dag_id, run_id, task_id, try_number: asked.append(try_number) or answer)
     monkeypatch.setenv("RADDEPLOY_DATA", str(tmp_path / "data"))
     run = load_settings().data.run(dag.dag_id, "r1")
