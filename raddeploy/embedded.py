@@ -303,8 +303,9 @@ class EmbeddedStack:
                        env.get("RADDEPLOY_GPU_FALLBACK", "none").strip().lower(), flows)
 
     def _airflow_healthy(self, since: float | None = None) -> bool:
-        """All healthy; with ``since`` (epoch seconds), heartbeats after it too: a restarted
-        Airflow reports the old components' heartbeats healthy for a while (30 s threshold)."""
+        """All healthy, and the task execution API answering; with ``since`` (epoch seconds),
+        heartbeats after it too: a restarted Airflow reports the old components' heartbeats
+        healthy for a while (30 s threshold)."""
         try:
             with urllib.request.urlopen(f"{self.api_url}/api/v2/monitor/health", timeout=2) as resp:
                 health = json.loads(resp.read())
@@ -313,13 +314,15 @@ class EmbeddedStack:
         parts = ("scheduler", "triggerer", "dag_processor")
         if not all(health.get(part, {}).get("status") == "healthy" for part in ("metadatabase", *parts)):
             return False
-        if since is None:
-            return True
-        try:
-            beats = [datetime.fromisoformat(health[part][f"latest_{part}_heartbeat"]).timestamp() for part in parts]
-        except (KeyError, TypeError, ValueError):
-            return False
-        return min(beats) >= since
+        if since is not None:
+            try:
+                beats = [datetime.fromisoformat(health[part][f"latest_{part}_heartbeat"]).timestamp()
+                         for part in parts]
+            except (KeyError, TypeError, ValueError):
+                return False
+            if min(beats) < since:
+                return False
+        return _execution_api_ready(self.api_url)
 
     def _wait(self, ready, timeout: float, what: str, proc: subprocess.Popen) -> None:
         deadline = time.monotonic() + timeout
@@ -550,6 +553,25 @@ def _running_components(children: dict[int, tuple[str | None, int | None]]) -> d
 
 def _minutes(seconds: float) -> str:
     return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
+
+
+#: The task execution API's health path. Its first request makes the API server build the
+#: API's versioned routers (Cadwyn, lazily): ~7 s of CPU on its event loop on 2 cores, during
+#: which it answers nobody (measured: a task's first call took 7.8 s, the UI and REST calls
+#: waited as long, a test's 10 s read timed out on a slower machine). Asked once at start-up,
+#: before anything waits on the API server, it costs nothing later.
+EXECUTION_API_HEALTH = "/execution/health"
+#: Seconds that first request may take.
+EXECUTION_API_WARM_UP_TIMEOUT = 120.0
+
+
+def _execution_api_ready(api_url: str) -> bool:
+    """The execution API answers (the first call builds its routers, see EXECUTION_API_HEALTH)."""
+    try:
+        with urllib.request.urlopen(f"{api_url}{EXECUTION_API_HEALTH}", timeout=EXECUTION_API_WARM_UP_TIMEOUT) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
 
 
 def _port_open(port: int) -> bool:

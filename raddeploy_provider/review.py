@@ -14,8 +14,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from pydicom.uid import UID
-
 from raddeploy_provider.flows.model import Flow
 from raddeploy_provider.store import RunDir, read_header, outputs
 
@@ -110,6 +108,8 @@ def _series(files: list[Path]) -> Counter:
 
 
 def _kind(path: Path) -> str:
+    from pydicom.uid import UID  # its names of SOP classes; at review time, not at every DAG parse
+
     try:
         return UID(str(read_header(path).sop_class_uid)).name
     except Exception:

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
 
 REPO = Path(__file__).resolve().parents[1]
 # Debian's DCMTK leaves Nagle on: 20x slower on loopback without this (README, "The two commands").
@@ -78,6 +79,7 @@ class StoreSCP:
         self.folder = folder
         self.ae_title = ae_title
         self.port = port or free_port()
+        self._studies: dict[Path, str] = {}
         folder.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [require_tool("storescp"), "-aet", ae_title, "-od", str(folder), "+B", *extra_args, str(self.port)],
@@ -88,12 +90,26 @@ class StoreSCP:
     def files(self) -> list[Path]:
         return sorted(p for p in self.folder.iterdir() if p.is_file())
 
-    def new_files(self, before: set[Path], count: int, what: str, timeout: float = 300) -> list[Path]:
-        """The files received since ``before`` (a set of :meth:`files`), once there are ``count``."""
-        def arrived():
-            new = sorted(set(self.files()) - before)
-            return new if len(new) >= count else None
-        return wait_for(arrived, timeout, what, interval=1)
+    def received(self, before: set[Path], study_uid: str | None = None) -> list[Path]:
+        """The files received since ``before`` (a set of :meth:`files`); with ``study_uid``, only
+        that study's (a destination shared by tests may get another test's late results)."""
+        new = sorted(set(self.files()) - before)
+        return new if study_uid is None else [p for p in new if self._study(p) == study_uid]
+
+    def _study(self, path: Path) -> str | None:
+        if path not in self._studies:
+            try:
+                self._studies[path] = str(dcmread(path, stop_before_pixels=True,
+                                                  specific_tags=["StudyInstanceUID"]).StudyInstanceUID)
+            except Exception:  # still being written: read it again next time
+                return None
+        return self._studies[path]
+
+    def new_files(self, before: set[Path], count: int, what: str, timeout: float = 300,
+                  study_uid: str | None = None) -> list[Path]:
+        """:meth:`received`, once there are ``count``."""
+        return wait_for(lambda: (lambda new: new if len(new) >= count else None)(self.received(before, study_uid)),
+                        timeout, what, interval=1)
 
     def stop(self) -> None:
         self.proc.terminate()

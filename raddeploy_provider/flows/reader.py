@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydicom.datadict import keyword_dict
+from raddeploy_provider.dicom.dictionary import keyword_dict
 
 from raddeploy_provider.units import parse_duration
 

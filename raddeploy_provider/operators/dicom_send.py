@@ -7,17 +7,19 @@ import json
 import math
 from datetime import datetime, timezone
 from functools import cached_property
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowFailException
 
 from raddeploy_provider.config import load_settings
 from raddeploy_provider.dicom.allowlist import AllowList
-from raddeploy_provider.dicom.scu import SendError, SendReport
-from raddeploy_provider.hooks.dicom import DicomHook
 from raddeploy_provider.store import RunDir, manifest, outputs
 from raddeploy_provider.utils.runs import run_dir
+
+if TYPE_CHECKING:  # pynetdicom (and pydicom) at execute: a DAG parse for another task needs neither
+    from raddeploy_provider.dicom.scu import SendReport
+    from raddeploy_provider.hooks.dicom import DicomHook
 
 #: How many refused instances the task log lists one by one (the XCom summary holds up to 50).
 LOGGED_REFUSALS = 20
@@ -71,6 +73,8 @@ class DicomSendOperator(BaseOperator):
 
     @cached_property
     def hook(self) -> DicomHook:
+        from raddeploy_provider.hooks.dicom import DicomHook
+
         return DicomHook(dicom_conn_id=self.dicom_conn_id, host=self.host, port=self.port,
                          ae_title=self.ae_title, calling_ae_title=self.calling_ae_title)
 
@@ -110,6 +114,8 @@ class DicomSendOperator(BaseOperator):
         return check
 
     def execute(self, context: Context) -> dict[str, Any]:
+        from raddeploy_provider.dicom.scu import SendError, SendReport
+
         run = run_dir(context)
         if self.return_to_sender_port:
             self._resolve_sender(run)

@@ -11,16 +11,15 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
-
-import pydicom
-from pydicom.dataelem import DataElement, RawDataElement
-from pydicom.multival import MultiValue
-from pydicom.uid import UID
+from typing import IO, TYPE_CHECKING, Any
 
 from . import header_walk
 from .errors import StoreError
 from .uids import checked_uid
+
+if TYPE_CHECKING:  # pydicom is imported where a file needs it: the walker reads most without
+    import pydicom
+    from pydicom.dataelem import DataElement
 
 _BINARY_VRS = {"OB", "OW", "OF", "OD", "OL", "OV", "UN", "SQ", "AT"}
 _MAX_VALUE_CHARS = 1024
@@ -45,6 +44,8 @@ class InstanceHeader:
 
 
 def _text(elem: DataElement) -> Any:
+    from pydicom.multival import MultiValue
+
     value = elem.value
     if value is None:  # present but empty (numeric VRs read as None): empty text, not "None"
         return ""
@@ -59,25 +60,42 @@ def _text(elem: DataElement) -> Any:
 _LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UC", b"UR", b"UT"}
 
 
-def _check_pixel_data_complete(fh: IO[bytes], meta: Any, size: int) -> None:
+def _pydicom_encoding(meta: Any) -> tuple[bool, str] | None:
+    """(implicit VR, struct byte order) of a file pydicom read; None: deflated (inflated in
+    memory: a cut stream fails there), or a syntax pydicom does not know or none (checked_uid
+    reports that)."""
+    from pydicom.uid import UID
+
+    if not meta.get("TransferSyntaxUID"):
+        return None
+    try:
+        syntax = UID(meta.get("TransferSyntaxUID"))
+        if syntax.is_deflated:
+            return None
+        return syntax.is_implicit_VR, "<" if syntax.is_little_endian else ">"
+    except ValueError:  # a transfer syntax pydicom does not know: leave it to the reader
+        return None
+
+
+def _walked_encoding(walked: header_walk.Walked) -> tuple[bool, str] | None:
+    """The encoding the walker read the file in (it reads no deflated or big endian file)."""
+    if not walked.meta.get("TransferSyntaxUID"):
+        return None
+    return walked.meta["TransferSyntaxUID"] == header_walk.IMPLICIT_LE, "<"
+
+
+def _check_pixel_data_complete(fh: IO[bytes], encoding: tuple[bool, str] | None, size: int) -> None:
     """Raise StoreError if the file ends before the pixel data it declares (a cut transfer).
 
     pydicom reads a cut file without complaint, and ``stop_before_pixels`` never reaches the
     cut; the pixel data element's own header says how long it is, so check that much only.
-    ``fh`` is positioned where pydicom stopped: at the pixel data element, or at the end.
+    ``fh`` is positioned where the reader stopped: at the pixel data element, or at the end.
+    ``encoding``: (implicit VR, byte order) of the data set; None: not ours to judge.
     """
     start = fh.tell()
-    if start >= size:
+    if start >= size or encoding is None:
         return
-    if not meta.get("TransferSyntaxUID"):  # checked_uid reports it
-        return
-    try:
-        syntax = UID(meta.get("TransferSyntaxUID"))
-        if syntax.is_deflated:
-            return
-        implicit, endian = syntax.is_implicit_VR, "<" if syntax.is_little_endian else ">"
-    except ValueError:  # a transfer syntax pydicom does not know: leave it to the reader
-        return
+    implicit, endian = encoding
     cut = StoreError(f"the file ends before its pixel data does ({size} bytes): it was cut short; send it again")
     head = fh.read(12)
     if len(head) < 8:
@@ -126,14 +144,16 @@ def read_header(path: Path, head: bytes | None = None) -> InstanceHeader:
         if walked is not None:
             if walked.pixel_data_at is not None:
                 fh.seek(walked.pixel_data_at)
-                _check_pixel_data_complete(fh, walked.meta, size)
+                _check_pixel_data_complete(fh, _walked_encoding(walked), size)
             tags, meta = walked.tags, walked.meta
         else:
+            import pydicom
+
             fh.seek(0)
             try:
                 ds = pydicom.dcmread(fh, stop_before_pixels=True, defer_size=_DEFER_SIZE)
                 stopped = fh.tell()
-                _check_pixel_data_complete(fh, ds.file_meta, size)
+                _check_pixel_data_complete(fh, _pydicom_encoding(ds.file_meta), size)
                 _check_values_complete(ds, fh, size, read_to_end=stopped >= size)
                 tags = _pydicom_tags(ds)
                 _check_depth(ds)
@@ -227,6 +247,9 @@ def _check_values_complete(ds: pydicom.Dataset, fh: IO[bytes], size: int, read_t
     """Raise StoreError if the file ends inside a top-level element: pydicom reads a cut value short,
     and drops a cut element header, without a word. ``read_to_end``: no pixel data stopped pydicom.
     """
+    from pydicom.dataelem import RawDataElement
+    from pydicom.uid import UID
+
     if UID(ds.file_meta.get("TransferSyntaxUID", "")).is_deflated:
         return  # inflated in memory: a cut stream fails there
     cut = StoreError(f"the file ends inside an element ({size} bytes): it was cut short; send it again")
@@ -246,6 +269,8 @@ def _check_values_complete(ds: pydicom.Dataset, fh: IO[bytes], size: int, read_t
 
 
 def _pydicom_tags(ds: pydicom.Dataset) -> dict[str, Any]:
+    from pydicom.dataelem import RawDataElement
+
     tags: dict[str, Any] = {}
     for tag in ds.keys():
         raw = ds.get_item(tag, keep_deferred=True)

@@ -18,7 +18,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from pydicom.datadict import DicomDictionary
+from raddeploy_provider.dicom.dictionary import DicomDictionary
 
 from .errors import StoreError
 

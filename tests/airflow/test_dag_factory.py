@@ -105,6 +105,25 @@ def test_dag_file_imports_cleanly_in_airflow(flows, tmp_path):
     assert lines[-1] == "{}"
 
 
+#: What a task's DAG parse must not import: every Airflow task start parses the DAG file, and
+#: these cost 0.3-0.6 s of CPU there; the operators import them when they run.
+HEAVY = ("pydicom", "pynetdicom", "numpy", "PIL")
+
+
+def test_a_dag_parse_imports_no_dicom_or_numpy_library(flows, tmp_path):
+    code = ("import sys; from airflow.dag_processing.dagbag import DagBag; "
+            f"b = DagBag(dag_folder={str(REPO / 'dags')!r}); "
+            "print(sorted(b.dag_ids)); "
+            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))")
+    env = {"RADDEPLOY_FLOWS": str(flows), "AIRFLOW_HOME": str(tmp_path / "af"),
+           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    dag_ids, imported = out.stdout.strip().splitlines()[-2:]
+    assert dag_ids == "['diamond', 'invalid_broken']"
+    assert imported == "[]", f"a DAG parse imported {imported}: import it inside the operator's execute"
+
+
 def test_airflow_lists_the_provider(tmp_path):
     env = {"AIRFLOW_HOME": str(tmp_path / "af"), "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
     out = subprocess.run(["airflow", "providers", "list"], env=env, capture_output=True, text=True, timeout=120)

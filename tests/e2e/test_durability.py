@@ -30,6 +30,8 @@ from stack_factory import push_settled, query, running_stack
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
 DAG_ID = "e2e_durability"
+#: The API server's access log line of a call to the task execution API: its path.
+EXECUTION_CALL = re.compile(r"\[http\.access\].* path=(/execution/[^ ?]*)")
 QUIET = 3.0
 FLOW = """
 name: E2E durability CT+MR
@@ -323,6 +325,8 @@ def test_airflow_outage(dur_stack, dur_airflow, tmp_path):
     assert len(pending()) == 3
     print(f"[4] after {time.monotonic() - t0:.1f} s down: 3 triggers pending, {retries()} delivery retries logged")
 
+    airflow_log = stack.logs_dir / "airflow.log"
+    airflow_log_from = airflow_log.stat().st_size
     t_up = time.monotonic()
     stack.start_airflow()
     print(f"[4] Airflow healthy again after {time.monotonic() - t_up:.1f} s "
@@ -332,6 +336,10 @@ def test_airflow_outage(dur_stack, dur_airflow, tmp_path):
     for run_id in run_ids:
         wait_run_finished(airflow, stack, run_id, 180)
     print(f"[4] restart -> all 3 runs success: {time.monotonic() - t_up:.1f} s")
+    # The new API server built its execution API before the first task called it (EmbeddedStack's
+    # health check asks it first): else that first call holds the API server for seconds.
+    calls = EXECUTION_CALL.findall(airflow_log.read_bytes()[airflow_log_from:].decode(errors="replace"))
+    assert calls and calls[0] == "/execution/health", calls[:3]
 
     for study_uid, run_id in zip(studies, run_ids):
         assert [r["dag_run_id"] for r in study_runs(airflow, study_uid)] == [run_id]

@@ -90,7 +90,8 @@ def test_raddeploy_gpu_ensemble_runs_on_the_cpu_with_the_fallback(laptop, airflo
 
     tasks = task_instances(airflow, ENSEMBLE_ID, run_id)
     assert run["state"] == "success", {t: ti["state"] for t, ti in tasks.items()}
-    assert len(destination.new_files(before, len(series.files), "the ensemble's result")) == len(series.files)
+    received = destination.new_files(before, len(series.files), "the ensemble's result", study_uid=series.study_uid)
+    assert len(received) == len(series.files)
     assert "running it on the CPU (RADDEPLOY_GPU_FALLBACK=cpu)" in task_log(airflow, ENSEMBLE_ID, run_id, "model_0")
     manifest = json.loads((laptop.data_dir / "runs" / ENSEMBLE_ID / run_id / "manifest.json").read_text())
     assert [manifest["tasks"][f"model_{i}"].get("gpu_fallback") for i in range(FOLDS)] == ["cpu"] * FOLDS
@@ -151,7 +152,7 @@ def test_body_contour_flow_on_a_phantom_ct_pushed_with_its_rtstruct_and_rtdose(l
     assert sorted(dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in given) == sorted(made.sop_uids)
     assert {dcmread(p, stop_before_pixels=True).Modality for p in given} == {"CT"}
 
-    (rtstruct,) = destination.new_files(before, 1, "the body-contour RTSTRUCT")
+    (rtstruct,) = destination.new_files(before, 1, "the body-contour RTSTRUCT", study_uid=made.study_uid)
     assert dcmread(rtstruct, stop_before_pixels=True).Modality == "RTSTRUCT"
     assert rtcheck.check_rtstruct(rtstruct, made.files) == []
     errors = rtcheck.dciodvfy(rtstruct)
@@ -216,7 +217,7 @@ def test_review_of_the_body_contour_shows_rois_volumes_and_previews_in_the_ui(la
     assert len(urls) >= 3 and all(url.startswith(f"raddeploy/runs/{dag_id}/") for url in urls)
     status, png = airflow._request("GET", "/" + urls[0], None)
     assert status == 200
-    assert set(destination.files()) == before  # nothing sent before the decision
+    assert destination.received(before, made.study_uid) == []  # nothing sent before the decision
 
     text = screenshot(laptop.api_url, "admin", laptop.passwords()["admin"],
                       f"/dags/{dag_id}/runs/{run_id}/tasks/review/required_actions", tmp_path / "review.png",
@@ -224,5 +225,5 @@ def test_review_of_the_body_contour_shows_rois_volumes_and_previews_in_the_ui(la
     assert "BODY" in text and "Reject" in text
     assert airflow._request("PATCH", hitl, {"chosen_options": ["Approve"], "params_input": {}})[0] == 200
     assert run_finished(airflow, dag_id, run_id)["state"] == "success"
-    (rtstruct,) = destination.new_files(before, 1, "the approved RTSTRUCT")
+    (rtstruct,) = destination.new_files(before, 1, "the approved RTSTRUCT", study_uid=made.study_uid)
     assert dcmread(rtstruct, stop_before_pixels=True).Modality == "RTSTRUCT"
