@@ -30,7 +30,7 @@ run: install images
 	$(VENV)/bin/raddeploy run
 
 test: install images
-	$(PY) -m pytest -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -ra --durations=25 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .raddeploy
