@@ -122,6 +122,10 @@ class Association:
         self.handed_to_store = 0  # instances given to ``store``: only then may the store know this association
         self.stored = 0
         self.refused = 0
+        self.called_ae = ""
+        #: How it ended, for the audit trail: released, refused, aborted, aborted by the peer, timed out, lost.
+        self.result = "lost"
+        self.why = ""
         self._disk_logged = False
         # Receive state of the message being assembled.
         self._command = bytearray()
@@ -185,18 +189,21 @@ class Association:
                 if pdu_type == P_DATA_TF:
                     self._p_data(body)
                 elif pdu_type == RELEASE_RQ:
+                    self.result = "released"
                     self.sock.sendall(RELEASE_RP_PDU)
                     log.info("association from %s@%s released after %d instances%s",
                              self.calling_ae, self.peer_host, self.stored,
                              f" ({self.refused} refused)" if self.refused else "")
                     return
                 elif pdu_type == ABORT:
+                    self.result = "aborted by the peer"
                     log.warning("association from %s@%s aborted by the peer", self.calling_ae, self.peer_host)
                     return
                 else:
                     raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}")
         except (ProtocolError, ValueError, struct.error) as exc:  # a malformed PDU, PDV or command set
             log.warning("association from %s@%s aborted: %s", self.calling_ae or "?", self.peer_host, exc)
+            self.result, self.why = "aborted", str(exc)[:200]
             self._send_quietly(ABORT_PDU)
         except SetupTimeout as exc:  # the ARTIM timer of PS3.8 9.1.5: the transport is closed, no A-ABORT
             log.warning("connection from %s closed: %s (RADDEPLOY_ASSOCIATION_SETUP_TIMEOUT)", self.peer_host, exc)
@@ -204,14 +211,17 @@ class Association:
             if not self.calling_ae:  # closed before asking for an association: a port check
                 log.debug("connection from %s closed before an association: %s", self.peer_host, exc)
             elif isinstance(exc, socket.timeout):
+                self.result, self.why = "timed out", f"silent for {self.idle_timeout:g} s"
                 log.warning("association from %s@%s dropped: silent for %g s (RADDEPLOY_ASSOCIATION_IDLE_TIMEOUT)",
                             self.calling_ae, self.peer_host, self.idle_timeout)
                 self._send_quietly(ABORT_PDU)
             else:
+                self.why = str(exc)[:200]
                 log.warning("association from %s@%s lost: %s", self.calling_ae, self.peer_host, exc)
         except Exception as exc:  # noqa: BLE001 - a bug of ours: say so, but the association still ends cleanly
             log.error("association from %s@%s aborted: unexpected %s: %s", self.calling_ae or "?", self.peer_host,
                       type(exc).__name__, exc, exc_info=not isinstance(exc, RecursionError))
+            self.result, self.why = "aborted", f"unexpected {type(exc).__name__}"
             self._send_quietly(ABORT_PDU)
         finally:
             self._discard_partial()
@@ -243,8 +253,10 @@ class Association:
         except Exception as exc:  # noqa: BLE001 - pynetdicom's reading of the peer's items
             raise ProtocolError(f"malformed A-ASSOCIATE-RQ ({type(exc).__name__}: {exc})") from None
         self.calling_ae = "".join(c if c.isprintable() else "?" for c in calling)  # it goes into log lines
+        self.called_ae = "".join(c if c.isprintable() else "?" for c in called)
         refusal = self.policy.refusal(called, self.calling_ae, self.peer_host, application_context)
         if refusal is not None:
+            self.result, self.why = "refused", refusal.why
             self.sock.sendall(dimse.associate_rj(refusal.result, refusal.source, refusal.diagnostic))
             log.warning("association from %s@%s rejected: %s", self.calling_ae, self.peer_host, refusal.why)
             return False

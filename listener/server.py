@@ -33,7 +33,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 from raddeploy_provider.dicom.dimse import (
     PROVIDER_LOCAL_LIMIT_EXCEEDED, REJECTED_TRANSIENT, SOURCE_PROVIDER_PRESENTATION, VERIFICATION, associate_rj)
 
-from .association import Association, Sender, StoreHandler
+from .association import Association, StoreHandler
 from .policy import AcceptPolicy
 from .tempfiles import TempFilePool
 
@@ -64,9 +64,10 @@ class DicomServer:
 
     def __init__(self, host: str, port: int, policy: AcceptPolicy, store: StoreHandler, incoming: Path,
                  idle_timeout: float = 60.0, tls: ssl.SSLContext | None = None,
-                 on_association_end: Callable[[Sender], None] | None = None, *,
+                 on_association_end: Callable[[Association], None] | None = None, *,
                  setup_timeout: float = 30.0, max_connections: int = 200, max_connections_per_host: int = 20,
-                 on_fatal: Callable[[BaseException], None] | None = None) -> None:
+                 on_fatal: Callable[[BaseException], None] | None = None,
+                 on_refused: Callable[[str, str, int], None] | None = None) -> None:
         self.host = host
         self.port = port
         self.policy = policy
@@ -79,6 +80,8 @@ class DicomServer:
         self.tls = tls
         self.on_association_end = on_association_end
         self.on_fatal = on_fatal
+        #: (host, why, connections refused) at each refusal log line: over a cap, counted, not one by one
+        self.on_refused = on_refused
         self.failed: BaseException | None = None
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -198,6 +201,11 @@ class DicomServer:
             log.warning("connection from %s refused: %s%s", host, why,
                         f"; {since} more refused since the last such line" if since else "")
             self._refusals[cap] = (now, 0)
+            if self.on_refused is not None:
+                try:
+                    self.on_refused(host, why, since + 1)
+                except Exception as exc:  # noqa: BLE001 - the index may be locked or full: the connection is refused anyway
+                    log.error("recording a refused connection failed: %s", exc)
         else:
             self._refusals[cap] = (logged_at, since + 1)
 
@@ -251,11 +259,11 @@ class DicomServer:
     def _ended(self, assoc: Association) -> None:
         with self._lock:
             self._active.discard(assoc)
-        # Only where the store saw an instance of it: port checks, refusals and hostile peers never
-        # touch the index (a database connection per such thread would be churn, and descriptors).
-        if self.on_association_end is not None and assoc.handed_to_store:
+        # Every association asked for (a port check that sent no A-ASSOCIATE-RQ is none): the
+        # listener records it in the audit trail, and, where the store saw an instance, its end.
+        if self.on_association_end is not None and assoc.calling_ae:
             try:
-                self.on_association_end(assoc.sender)
+                self.on_association_end(assoc)
             except Exception as exc:  # noqa: BLE001 - the index may be locked or full: the association is over anyway
                 log.error("recording the end of association %s failed: %s", assoc.id, exc)
 

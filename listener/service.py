@@ -19,9 +19,11 @@ from raddeploy_provider.dicom.dimse import Status
 from raddeploy_provider.flows import matched_triggers
 from raddeploy_provider.flows.registry import FlowRegistry
 from raddeploy_provider.store import IngestResult, StudyStore
+from raddeploy_provider.store.audit import AuditRecord
 from raddeploy_provider.store.header import InstanceHeader
 
-from .association import Sender, StoreRequest
+from .association import Association, Sender, StoreRequest
+from .audit_writer import AuditWriter
 from .outbox import OutboxDelivery
 from .policy import AcceptPolicy, DataSetMismatch, data_set_mismatch, ingest_verdict
 from .server import DicomServer, tls_context
@@ -41,6 +43,7 @@ class Listener:
         self.flows = FlowRegistry(settings.flows_dir)
         self.client = AirflowClient(settings.airflow_url, settings.airflow_user, settings.airflow_password)
         self.outbox = OutboxDelivery(self.store.index, self.client, give_up_after=settings.outbox_give_up)
+        self.audit = AuditWriter(self.store.index)
         self._stopping = threading.Event()
         self._hasher = threading.Thread(target=self._hash_when_idle, name="hasher", daemon=True)
         self._watcher = threading.Thread(target=self._watch_flows, name="flows", daemon=True)
@@ -58,19 +61,36 @@ class Listener:
         self.server = DicomServer(settings.listen_host, settings.listen_port, policy, self.handle_store,
                                   self.store.layout.incoming, tls=tls,
                                   on_association_end=self._association_ended,
+                                  on_refused=self._connection_refused,
                                   idle_timeout=settings.association_idle_timeout,
                                   setup_timeout=settings.association_setup_timeout,
                                   max_connections=settings.max_connections,
                                   max_connections_per_host=settings.max_connections_per_host)
 
-    def _association_ended(self, sender: Sender) -> None:
-        """In the association's thread, as it ends: its studies are no longer being received, and
-        the thread's index connection is closed (a thread per association: else a few descriptors
-        per association stay open until the garbage collector finds them)."""
+    def _association_ended(self, assoc: Association) -> None:
+        """In the association's thread, as it ends: it goes into the audit trail, its studies are no
+        longer being received, and the thread's index connection is closed (a thread per
+        association: else a few descriptors per association stay open until the garbage collector
+        finds them)."""
+        index = self.store.index
         try:
-            self.store.index.association_ended(sender.association)
+            if assoc.handed_to_store:
+                index.association_ended(assoc.id)
+            accepted = assoc.established
+            self.audit.put(AuditRecord(
+                "association", outcome="success" if accepted and not assoc.refused else
+                ("minor_failure" if accepted else "serious_failure"), actor=assoc.calling_ae, peer=assoc.peer_host,
+                detail={"called_ae": assoc.called_ae, "association": assoc.id, "stored": assoc.stored,
+                        "refused": assoc.refused, "result": assoc.result,
+                        **({"why": assoc.why} if assoc.why else {})}))
         finally:
-            self.store.index.release()
+            if assoc.handed_to_store:
+                index.release()
+
+    def _connection_refused(self, host: str, why: str, count: int) -> None:
+        """Connections refused over a cap, one record per log line (a flood is counted, not written row by row)."""
+        self.audit.put(AuditRecord("association", outcome="serious_failure", peer=host, detail={
+            "result": "refused", "why": why, "refused_connections": count}))
 
     def handle_store(self, path: Path, sender: Sender, head: bytes, request: StoreRequest | None = None) -> int:
         """A received file (consumed either way): into the store, runs opened, the DIMSE status for the sender.
@@ -116,6 +136,7 @@ class Listener:
         self.store.index.clear_receiving()
         self.flows.current()
         self.outbox.start()  # replays whatever a previous process left pending
+        self.audit.start()
         self._hasher.start()
         self._watcher.start()
         self.server.start()
@@ -123,6 +144,7 @@ class Listener:
     def stop(self) -> None:
         self.server.stop()
         self.outbox.stop()
+        self.audit.stop()
         self._stopping.set()
         self._hasher.join(timeout=10)
         self._watcher.join(timeout=10)

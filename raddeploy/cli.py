@@ -340,6 +340,102 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _index():  # noqa: ANN202 - the deployment's study index (RADDEPLOY_INDEX_URL or the data dir's SQLite)
+    from raddeploy_provider.store import StudyIndex
+
+    settings = load_settings()
+    return StudyIndex(settings.index_url or settings.data.index, durable=settings.fsync)
+
+
+def _rest_states():  # noqa: ANN202 - a DAG run's state over Airflow's REST API (the listener's account)
+    import urllib.parse
+
+    from raddeploy_provider.airflow_client import AirflowClient, AirflowUnavailable
+
+    settings = load_settings()
+    client = AirflowClient(settings.airflow_url, settings.airflow_user, settings.airflow_password, timeout=10)
+    quote = lambda text: urllib.parse.quote(text, safe="")  # noqa: E731
+
+    def state(dag_id: str, run_id: str) -> str | None:
+        try:
+            status, payload = client.get(f"/api/v2/dags/{quote(dag_id)}/dagRuns/{quote(run_id)}")
+        except AirflowUnavailable as exc:
+            raise SystemExit(f"Airflow at {settings.airflow_url} cannot be reached ({exc}): run states are needed; "
+                             "start Airflow or set RADDEPLOY_AIRFLOW_URL") from None
+        if status == 404:
+            return None
+        if status != 200:
+            raise SystemExit(f"Airflow answered HTTP {status} for run {run_id} of {dag_id}: check "
+                             "RADDEPLOY_AIRFLOW_USER / RADDEPLOY_AIRFLOW_PASSWORD")
+        return str(payload.get("state"))
+
+    return state
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from raddeploy_provider.store import audit
+    from raddeploy_provider.units import parse_duration
+
+    try:
+        since = audit.since(parse_duration(args.since))
+    except ValueError:
+        print(f"--since {args.since!r}: write a duration (30m, 12h, 7d)", file=sys.stderr)
+        return 2
+    for record in _index().audit_records(since=since, study_uid=args.study):
+        print(json.dumps(record.as_json(), sort_keys=True) if args.json else record.line())
+    return 0
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    import time
+
+    from raddeploy_provider.store import retention
+
+    settings = load_settings()
+    data, index = settings.data, _index()
+    if not args.dry_run:
+        retention.empty_trash(data)
+    started = time.time()
+    plan = retention.plan(retention.gather(index, data, _rest_states()), retention.Policy.from_settings(settings),
+                          time.time(), retention.free_bytes(data.root), gathered_at=started)
+    outcome = retention.purge(plan, index, data, actor="raddeploy purge", dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps({"dry_run": args.dry_run, **retention.summary(outcome, plan),
+                          "deleted": [{"study_uid": d.verdict.study_uid, "kind": d.verdict.kind, "early": d.early,
+                                       "bytes": d.verdict.size, "reason": d.verdict.reason} for d in outcome.deleted],
+                          "kept": [{"study_uid": v.study_uid, "reason": v.reason} for v in plan.verdicts
+                                   if v.study_uid not in {d.verdict.study_uid for d in outcome.deleted}]},
+                         indent=2))
+    else:
+        for line in retention.describe(outcome, plan, args.dry_run):
+            print(line)
+        gone = retention.summary(outcome, plan)
+        print(f"{'would delete' if args.dry_run else 'deleted'} {gone['deleted']} of {gone['studies']} studies "
+              f"({gone['bytes'] / 1e6:.1f} MB)")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from raddeploy_provider import status
+    from raddeploy_provider.dicom.scu import Node, NodeUnreachable, echo
+
+    settings = load_settings()
+    index = _index()
+    host = "127.0.0.1" if settings.listen_host in ("0.0.0.0", "::", "") else settings.listen_host
+    seen = status.last_association(index)  # before our own C-ECHO, which the trail records too
+    try:
+        answer = echo(Node(host=host, port=settings.listen_port, ae_title=settings.ae_title,
+                           calling_ae_title="RADDEPLOY_STATUS", timeout=5, connect_timeout=5))
+        listener = (f"answers C-ECHO at {settings.ae_title}@{host}:{settings.listen_port}" if answer == 0 else
+                    f"C-ECHO at {host}:{settings.listen_port} answered 0x{answer:04X}")
+    except NodeUnreachable as exc:
+        listener = f"not reached at {settings.ae_title}@{host}:{settings.listen_port}: {exc}"
+    listener += "; " + seen
+    report = status.gather(settings, index, _rest_states(), listener, limit=args.last)
+    print(json.dumps(report.as_json(), indent=2) if args.json else report.text(), end="" if not args.json else "\n")
+    return 0
+
+
 class TargetError(ValueError):
     """A TARGET, option, path or connection that names no usable node (exit 2)."""
 
@@ -577,6 +673,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_id", help="the run id, e.g. <StudyInstanceUID>.1")
     p.add_argument("--dag", help="the flow's DAG id, when several flows ran on the study")
     p.set_defaults(func=cmd_runs_show)
+
+    p = sub.add_parser("status", help="the last studies, their runs and times, the outbox, disk, GPUs, the listener")
+    p.add_argument("--last", type=int, default=20, metavar="N", help="how many studies (default: 20)")
+    p.add_argument("--json", action="store_true", help="one JSON document")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("audit", help="the audit trail: associations, runs, models, reviews, sends, deletions")
+    p.add_argument("--since", default="1d", help="how far back (default: 1d; 30m, 12h, 7d)")
+    p.add_argument("--study", metavar="UID", help="only this Study Instance UID")
+    p.add_argument("--json", action="store_true", help="JSON lines, as the daily export in <data>/audit/")
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("purge", help="apply retention now (RADDEPLOY_RETAIN_*, RADDEPLOY_DISK_LOW_WATER), as the "
+                       "raddeploy_retention DAG does hourly")
+    p.add_argument("--dry-run", action="store_true", help="delete nothing: list what would go and what is kept, why")
+    p.add_argument("--json", action="store_true", help="one JSON document")
+    p.set_defaults(func=cmd_purge)
 
     target_help = (f"the node: {TARGET_FORM} (from AIRFLOW_CONN_<ID> or Airflow's metadata DB; "
                    "Airflow is imported only then); options given override the connection's fields")

@@ -325,3 +325,23 @@ def orphans(containers: Iterable[Mapping[str, Any]], ids: Sequence[str]) -> list
         if theirs & ours:
             found.append((container["Id"], sorted(theirs & ours)))
     return found
+
+
+def leases(device_ids: Sequence[str], lock_dir: Path) -> dict[str, str]:
+    """Each device id of this host: ``leased`` while a task holds its lock, else ``free``
+    (``raddeploy status``). Looks only; never creates a lock file or takes a lease."""
+    found = {}
+    for device_id in device_ids:
+        try:
+            fd = os.open(lock_dir / f"gpu-{device_id}.lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            found[device_id] = "free"
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            found[device_id] = "free"
+        except BlockingIOError:
+            found[device_id] = "leased"
+        finally:
+            os.close(fd)
+    return found

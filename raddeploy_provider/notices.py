@@ -27,6 +27,9 @@ FAILURE, REJECTION, DEADLINE, DELIVERY = "failure", "rejection", "deadline", "de
 EVENTS = (FAILURE, REJECTION, DEADLINE, DELIVERY)
 #: RADDEPLOY_NOTIFY_ON's default: what goes wrong, not every success.
 DEFAULT_EVENTS = (FAILURE, REJECTION, DEADLINE)
+#: The deployment's own alert, not a flow's: the data dir below its low-water mark of free disk
+#: (the retention job). It goes to the deployment's webhook and mail whenever they are set.
+DISK = "disk"
 
 #: The packages whose exceptions' first lines we wrote ourselves (see :func:`error_line`).
 _OUR_CODE = tuple(str(Path(__file__).resolve().parents[1] / name) + os.sep
@@ -99,6 +102,7 @@ HEADLINES = {
     REJECTION: "A review rejected a run's results: nothing is sent for it.",
     DEADLINE: "A run of a raddeploy flow missed its deadline.",
     DELIVERY: "A run of a raddeploy flow delivered its results.",
+    DISK: "The raddeploy data dir is low on free disk.",
 }
 
 
@@ -109,7 +113,7 @@ def run_url(base: str, dag_id: str, run_id: str) -> str:
 
 
 def notice(event: str, *, flow: str, dag_id: str, run_id: str, state: str, reason: str, ui_url: str) -> Notice:
-    if event not in EVENTS:
+    if event not in EVENTS and event != DISK:
         raise ValueError(f"unknown notification event {event!r}: one of {', '.join(EVENTS)}")
     reason = " ".join(reason.split())  # one line
     if len(reason) > MAX_REASON:

@@ -260,3 +260,21 @@ def _run_id(context: Any) -> str | None:
 
 def _clear_number(context: Any) -> int:
     return int(getattr(context.get("dag_run"), "clear_number", 0) or 0)
+
+
+def notify_disk_low(context: Any, alert: str) -> int:
+    """The retention task's alert that the data dir is below its low-water mark, to the deployment's
+    webhook and mail (``RADDEPLOY_NOTIFY_WEBHOOK`` / ``_EMAIL``) whenever they are set; how many went
+    out. One per retention run while the disk stays low (hourly by default). Never raises."""
+    try:
+        settings = load_settings()
+        targets = Targets(on=(notices.DISK,), webhook=settings.notify_webhook, email=settings.notify_email,
+                          smtp=settings.notify_smtp)
+        run_id = _run_id(context) or ""
+        dag_id = getattr(context.get("dag"), "dag_id", "") or "raddeploy_retention"
+        notice = notices.notice(notices.DISK, flow="raddeploy data dir", dag_id=dag_id, run_id=run_id,
+                                state="low disk", reason=alert, ui_url=settings.ui_url)
+        return send(notice, targets, context) if (targets.webhook or targets.email) else 0
+    except Exception:
+        log.exception("low-disk notification not sent")
+        return 0

@@ -15,6 +15,7 @@ from airflow.sdk.exceptions import AirflowFailException
 from raddeploy_provider.config import load_settings
 from raddeploy_provider.dicom.allowlist import AllowList
 from raddeploy_provider.store import RunDir, manifest, outputs
+from raddeploy_provider.utils import audit
 from raddeploy_provider.utils.runs import run_dir
 
 if TYPE_CHECKING:  # pynetdicom (and pydicom) at execute: a DAG parse for another task needs neither
@@ -137,6 +138,11 @@ class DicomSendOperator(BaseOperator):
         self._record(run, report, uid_of, hashes)
         summary = {**report.summary(), "accepted": len(check.outputs) - len(report.refused),
                    "accepted_now": len(report.accepted)}
+        audit.record(context, "send", outcome="success" if report.ok else "serious_failure",
+                     actor=node.calling_ae_title, peer=str(node), destination=self.hook.dicom_conn_id or str(node),
+                     accepted=summary["accepted"], refused=len(report.refused), warned=len(report.warned),
+                     sop_uids=[uid_of[path] for path in report.accepted],
+                     **({"why": report.unreachable} if report.unreachable else {}))
         self.log.info("send result: %s", json.dumps({k: v for k, v in summary.items() if not k.endswith("_instances")}))
         if report.unreachable:
             self.log.error("%s cannot be reached: %s; %s", node, report.unreachable, self._next_try(context))

@@ -23,6 +23,7 @@ from raddeploy_provider.config import Settings, load_settings
 from raddeploy_provider.exceptions import ModelFailed
 from raddeploy_provider.flows.model import ModelSpec
 from raddeploy_provider.store import RunDir, manifest, outputs
+from raddeploy_provider.utils import audit
 from raddeploy_provider.utils.runs import run_dir
 
 LOG_TAIL_LINES = 20
@@ -215,6 +216,11 @@ class ModelOperator(DockerOperator):
         finally:
             record["ended"] = _now()
             manifest.record(run, self.task_id, record)
+            if "exit_code" in record:  # the container ran
+                audit.record(context, "model_run", outcome="success" if record["exit_code"] == 0 else "serious_failure",
+                             actor=socket.gethostname(), image=self.image,
+                             digest=(record.get("image_digests") or [record.get("image_id", "")])[0],
+                             exit_code=record["exit_code"], gpus=record["gpus"])
         found = {name: outputs.walk(run.mount(name), run.root) for name in self.model.outputs}
         written = {name: [str(p.relative_to(run.mount(name))) for p in files] for name, (files, _) in found.items()}
         record["outputs"] = written

@@ -13,6 +13,7 @@ from raddeploy_provider import review
 from raddeploy_provider.flows.model import Flow
 from raddeploy_provider.notifications import notify_rejection
 from raddeploy_provider.store import RunDir, manifest, read_header
+from raddeploy_provider.utils import audit
 from raddeploy_provider.utils.run_note import hitl_answer, set_run_note
 from raddeploy_provider.utils.runs import run_dir
 
@@ -68,6 +69,8 @@ class ReviewOperator(ApprovalOperator):
             made = review.decision(event.get("chosen_options") or [], event.get("responded_by_user"),
                                    event.get("params_input"), self.flow.review.on_timeout)
             manifest.record(run_dir(context), self.task_id, made.record())  # the task's manifest part
+            audit.record(context, "review", outcome="success" if made.approved else "minor_failure", actor=made.by,
+                         decision="approved" if made.approved else "rejected")
             set_run_note(self.flow.dag_id, context["run_id"], made.note())
             self.log.info("review: %s", made.note())
             if not made.approved:  # who, never the reviewer's words: those may name the patient

@@ -41,6 +41,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Protocol, Sequence
 
+from . import audit
 from .errors import IndexUnavailable, OtherPatient
 
 if TYPE_CHECKING:
@@ -100,7 +101,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     given_up_at DOUBLE PRECISION,                        -- refused for longer than the give-up time: not retried
     UNIQUE (dag_id, run_id)
 );
-"""
+""" + audit.TABLE
 
 #: (table, column, declaration) of every column added to SCHEMA after its first release, in
 #: order: an index made by an older version gets them when it is opened (SCHEMA's CREATE TABLE
@@ -109,6 +110,9 @@ ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("outbox", "next_attempt_at", "DOUBLE PRECISION NOT NULL DEFAULT 0"),
     ("outbox", "first_refused_at", "DOUBLE PRECISION"),
     ("outbox", "given_up_at", "DOUBLE PRECISION"),
+    # retention deleted the study's instances and run folders; the row stays, so that the study
+    # sent again opens the next generation (a new run id) and never an old one Airflow knows
+    ("runs", "purged_at", "DOUBLE PRECISION"),
 )
 
 #: The columns of ``instances``, in SCHEMA's order (StoredInstance's fields by these names).
@@ -151,6 +155,29 @@ class RunRef:
     def conf(self) -> dict[str, Any]:
         """The ``dag_run.conf`` Airflow gets: UIDs only, never patient data."""
         return {"study_uid": self.study_uid, "generation": self.generation}
+
+
+@dataclass(frozen=True)
+class RegisteredRun(RunRef):
+    """A run as the register holds it: ``state`` open, closing or abandoned (see SCHEMA)."""
+
+    state: str = "open"
+    opened_at: float = 0.0
+    closed_at: float | None = None
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    """What the index holds of one study (no header values but UIDs, unless ``patient_name`` was asked for)."""
+
+    study_uid: str
+    first_received: float
+    last_received: float
+    instances: int
+    series: int
+    size: int
+    calling_ae: str  # the sender of its first instance
+    patient_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -221,6 +248,7 @@ class StudyIndex:
             for table, column, declaration in ADDED_COLUMNS:
                 if column not in self._backend.columns(db, table):
                     db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+            db.execute_script(self._backend.append_only)
 
     @contextmanager
     def _unavailable_as_ours(self) -> Iterator[None]:
@@ -299,22 +327,27 @@ class StudyIndex:
                 inst.transfer_syntax, inst.path, inst.size, inst.sha256, inst.received_at,
                 inst.calling_ae, inst.peer, json.dumps(inst.tags, separators=(",", ":"))))
             opened = [run for dag_id, runs_now in runs.items()
-                      if (run := self._open_run(db, dag_id, inst.study_uid, runs_now.fetchone()))]
+                      if (run := self._open_run(db, dag_id, inst, runs_now.fetchone()))]
         return AddResult(duplicate=False, opened=opened, replaced=_instance(row) if row is not None else None)
 
-    def _open_run(self, db: _Session, dag_id: str, study_uid: str, runs_now: Mapping[str, Any]) -> RunRef | None:
-        """Open the next generation unless a run is collecting; ``runs_now``: :data:`_RUNS_OF_STUDY`'s row."""
+    def _open_run(self, db: _Session, dag_id: str, inst: StoredInstance, runs_now: Mapping[str, Any]) -> RunRef | None:
+        """Open the next generation unless a run is collecting; ``runs_now``: :data:`_RUNS_OF_STUDY`'s row.
+        The audit trail records it in the same transaction."""
         if runs_now["n_open"]:
             return None
+        study_uid = inst.study_uid
         db.execute("UPDATE runs SET state = 'abandoned' WHERE dag_id = ? AND study_uid = ? AND state = 'open'",
                    (dag_id, study_uid))
         generation = (runs_now["g"] or 0) + 1
         run = RunRef(dag_id, run_id_for(study_uid, generation), study_uid, generation)
         now = time.time()
-        db.execute("INSERT INTO runs VALUES (?,?,?,?, 'open', ?, NULL)",
+        db.execute("INSERT INTO runs (dag_id, run_id, study_uid, generation, state, opened_at, closed_at) VALUES (?,?,?,?, 'open', ?, NULL)",
                    (dag_id, run.run_id, study_uid, run.generation, now))
         db.execute("INSERT INTO outbox (dag_id, run_id, conf, created_at) VALUES (?,?,?,?)",
                    (dag_id, run.run_id, json.dumps(run.conf), now))
+        db.execute(audit.INSERT, audit.AuditRecord(
+            "run_opened", study_uid=study_uid, dag_id=dag_id, run_id=run.run_id, actor=inst.calling_ae,
+            peer=peer_host(inst.peer), detail={"generation": generation, "sop_uids": [inst.sop_uid]}).row(now))
         return run
 
     def missing_hashes(self, limit: int) -> list[tuple[str, str]]:
@@ -372,7 +405,7 @@ class StudyIndex:
         """
         with self._tx(study_uid) as db:
             now = time.time()
-            db.execute("INSERT INTO runs VALUES (?,?,?,0,'closing',?,?) ON CONFLICT DO NOTHING",
+            db.execute("INSERT INTO runs (dag_id, run_id, study_uid, generation, state, opened_at, closed_at) VALUES (?,?,?,0,'closing',?,?) ON CONFLICT DO NOTHING",
                        (dag_id, run_id, study_uid, now, now))
             db.execute("UPDATE runs SET state = 'closing', closed_at = ? WHERE dag_id = ? AND run_id = ? "
                        "AND state = 'open'", (now, dag_id, run_id))
@@ -385,12 +418,84 @@ class StudyIndex:
         return row["state"] if row else None
 
     def runs(self, dag_id: str | None = None) -> list[RunRef]:
-        sql, args = "SELECT * FROM runs", ()
-        if dag_id is not None:
-            sql, args = sql + " WHERE dag_id = ?", (dag_id,)
+        return [RunRef(r.dag_id, r.run_id, r.study_uid, r.generation) for r in self.registered_runs(dag_id)]
+
+    def registered_runs(self, dag_id: str | None = None, study_uid: str | None = None,
+                        purged: bool = True) -> list[RegisteredRun]:
+        """The register's runs, oldest first (of one flow, of one study; ``purged=False``: not those
+        whose study retention deleted)."""
+        where = [(clause, value) for clause, value in (("dag_id = ?", dag_id), ("study_uid = ?", study_uid))
+                 if value is not None]
+        sql = "SELECT * FROM runs" + (" WHERE " + " AND ".join(c for c, _ in where) if where else "")
+        if not purged:
+            sql += (" AND " if where else " WHERE ") + "purged_at IS NULL"
         with self._read() as db:
-            rows = db.execute(sql + " ORDER BY opened_at", args).fetchall()
-        return [RunRef(r["dag_id"], r["run_id"], r["study_uid"], r["generation"]) for r in rows]
+            rows = db.execute(sql + " ORDER BY opened_at", tuple(v for _, v in where)).fetchall()
+        return [RegisteredRun(r["dag_id"], r["run_id"], r["study_uid"], r["generation"], r["state"], r["opened_at"],
+                              r["closed_at"]) for r in rows]
+
+    # -- studies as a whole (status, retention) ------------------------------------------
+    def studies(self, limit: int | None = None, with_names: bool = False) -> list[StudySummary]:
+        """Every study the index holds instances of, the last received first (``limit`` of them)."""
+        name = (", MIN(" + self._backend.json_text("tags", "PatientName") + ") AS patient_name") if with_names else ""
+        sql = ("SELECT study_uid, MIN(received_at) AS first, MAX(received_at) AS last, COUNT(*) AS n, "
+               "COUNT(DISTINCT series_uid) AS series, SUM(size) AS size, MIN(calling_ae) AS ae" + name +
+               " FROM instances GROUP BY study_uid ORDER BY MAX(received_at) DESC")
+        args: tuple[Any, ...] = ()
+        if limit is not None:
+            sql, args = sql + " LIMIT ?", (limit,)
+        with self._read() as db:
+            rows = db.execute(sql, args).fetchall()
+        return [StudySummary(r["study_uid"], r["first"], r["last"], r["n"], r["series"], int(r["size"] or 0),
+                             r["ae"] or "", _name(r["patient_name"]) if with_names else None) for r in rows]
+
+    def purge_study(self, study_uid: str, *, planned_at: float, move_away: Callable[[], None],
+                    record: audit.AuditRecord) -> bool:
+        """Delete the study's instances from the index (its runs stay in the register, marked
+        purged, so that the study sent again opens the next generation), with ``record`` in the
+        audit trail, in one transaction; ``move_away`` (take its files and run folders out of the
+        data dir, by rename) runs inside it, after the checks. Nothing happens, and False is
+        returned, if the study changed since ``planned_at``: an instance received, a run opened,
+        an association sending it."""
+        with self._tx(study_uid) as db:
+            changed = db.execute(
+                "SELECT (SELECT COUNT(*) FROM instances WHERE study_uid = ? AND received_at > ?) + "
+                "(SELECT COUNT(*) FROM runs WHERE study_uid = ? AND opened_at > ?) + "
+                "(SELECT COUNT(*) FROM receiving WHERE study_uid = ?) AS n",
+                (study_uid, planned_at, study_uid, planned_at, study_uid)).fetchone()["n"]
+            if changed:
+                return False
+            move_away()
+            now = time.time()
+            db.execute("DELETE FROM instances WHERE study_uid = ?", (study_uid,))
+            db.execute("DELETE FROM outbox WHERE delivered_at IS NOT NULL AND run_id IN "
+                       "(SELECT run_id FROM runs WHERE study_uid = ?)", (study_uid,))
+            db.execute("UPDATE runs SET purged_at = ? WHERE study_uid = ? AND purged_at IS NULL", (now, study_uid))
+            db.execute(audit.INSERT, record.row(now))
+        return True
+
+    # -- the audit trail -------------------------------------------------------------------
+    def record_audit(self, *records: audit.AuditRecord) -> None:
+        """Append ``records`` to the audit trail (one transaction)."""
+        if records:
+            now = time.time()
+            with self._tx() as db:
+                db.executemany(audit.INSERT, [r.row(now) for r in records])
+
+    def audit_records(self, since: float | None = None, until: float | None = None, study_uid: str | None = None,
+                      after_id: int | None = None, up_to_id: int | None = None,
+                      limit: int | None = None) -> list[audit.AuditRecord]:
+        """The trail's records in the order they were made, filtered by time, study and id."""
+        where = [(clause, value) for clause, value in (
+            ("at >= ?", since), ("at < ?", until), ("study_uid = ?", study_uid), ("id > ?", after_id),
+            ("id <= ?", up_to_id)) if value is not None]
+        sql = "SELECT * FROM audit" + (" WHERE " + " AND ".join(c for c, _ in where) if where else "") + " ORDER BY id"
+        args = tuple(v for _, v in where)
+        if limit is not None:
+            sql, args = sql + " LIMIT ?", args + (limit,)
+        with self._read() as db:
+            rows = db.execute(sql, args).fetchall()
+        return [audit.from_row(r) for r in rows]
 
     # -- outbox ------------------------------------------------------------------------
     def pending_triggers(self, limit: int = 100, now: float | None = None) -> list[OutboxItem]:
@@ -464,6 +569,14 @@ _UPSERT_INSTANCE = (f"INSERT INTO instances ({', '.join(INSTANCE_COLUMNS)}) "
                     + ", ".join(f"{c} = excluded.{c}" for c in INSTANCE_COLUMNS[1:]))
 
 
+def _name(text: str | None) -> str:
+    """A PatientName from the JSON text of its tag (a text, a list, or nothing)."""
+    value = json.loads(text) if text else None
+    if isinstance(value, list):
+        value = "\\".join(str(v) for v in value)
+    return str(value or "")
+
+
 def _outbox_item(row: Mapping[str, Any]) -> OutboxItem:
     return OutboxItem(row["id"], row["dag_id"], row["run_id"], json.loads(row["conf"]), row["attempts"],
                       row["first_refused_at"], row["last_error"])
@@ -522,6 +635,10 @@ class _SQLite:
 
     serial = "INTEGER PRIMARY KEY AUTOINCREMENT"
     unavailable: tuple[type[Exception], ...] = (sqlite3.OperationalError,)
+    #: The audit trail cannot be changed or deleted (sqlite3.IntegrityError).
+    append_only = "".join(
+        f"CREATE TRIGGER IF NOT EXISTS audit_no_{verb.lower()} BEFORE {verb} ON audit "
+        f"BEGIN SELECT RAISE(ABORT, '{audit.APPEND_ONLY}'); END;\n" for verb in ("UPDATE", "DELETE"))
 
     def __init__(self, path: Path, durable: bool) -> None:
         self.path = path
@@ -648,6 +765,15 @@ class _Postgres:
     """
 
     serial = "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY"
+    #: The audit trail cannot be changed, deleted or truncated (psycopg's RaiseException).
+    append_only = f"""
+CREATE OR REPLACE FUNCTION raddeploy_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN RAISE EXCEPTION '{audit.APPEND_ONLY}'; END $$;
+CREATE OR REPLACE TRIGGER audit_append_only BEFORE UPDATE OR DELETE ON audit
+    FOR EACH ROW EXECUTE FUNCTION raddeploy_audit_append_only();
+CREATE OR REPLACE TRIGGER audit_no_truncate BEFORE TRUNCATE ON audit
+    FOR EACH STATEMENT EXECUTE FUNCTION raddeploy_audit_append_only();
+"""
 
     def __init__(self, url: str, durable: bool) -> None:
         import psycopg

@@ -125,6 +125,9 @@ class DataDir:
     index = Entry("index.sqlite3", "The study index, run register and outbox (:mod:`.index`); "
                   "not used when RADDEPLOY_INDEX_URL puts them on PostgreSQL.")
     flow_ids = Entry("flow-ids.json", "The DAG-id cache of the flows folder (``flows.id_cache``).")
+    audit = Entry("audit", "``audit-<YYYY-MM-DD>.jsonl``: the audit trail's daily export (:mod:`.audit`).")
+    trash = Entry(".trash", "What retention is deleting (renamed here in its transaction, then removed; "
+                  ":mod:`.retention`).")
 
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         return (self.studies / checked_uid(study_uid, "StudyInstanceUID")
