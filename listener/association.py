@@ -123,6 +123,8 @@ class Association:
         self.stored = 0
         self.refused = 0
         self.called_ae = ""
+        self.started_at = time.time()
+        self.studies: set[str] = set()  # the studies it stored instances of (the store handler adds them)
         #: How it ended, for the audit trail: released, refused, aborted, aborted by the peer, timed out, lost.
         self.result = "lost"
         self.why = ""

@@ -44,6 +44,7 @@ class Listener:
         self.client = AirflowClient(settings.airflow_url, settings.airflow_user, settings.airflow_password)
         self.outbox = OutboxDelivery(self.store.index, self.client, give_up_after=settings.outbox_give_up)
         self.audit = AuditWriter(self.store.index)
+        self._studies_of: dict[str, set[str]] = {}  # association id -> studies it stored (for its audit record)
         self._stopping = threading.Event()
         self._hasher = threading.Thread(target=self._hash_when_idle, name="hasher", daemon=True)
         self._watcher = threading.Thread(target=self._watch_flows, name="flows", daemon=True)
@@ -77,12 +78,15 @@ class Listener:
             if assoc.handed_to_store:
                 index.association_ended(assoc.id)
             accepted = assoc.established
+            studies = sorted(self._studies_of.pop(assoc.id, ()))
             self.audit.put(AuditRecord(
                 "association", outcome="success" if accepted and not assoc.refused else
                 ("minor_failure" if accepted else "serious_failure"), actor=assoc.calling_ae, peer=assoc.peer_host,
+                study_uid=studies[0] if len(studies) == 1 else "", at=assoc.started_at,
                 detail={"called_ae": assoc.called_ae, "association": assoc.id, "stored": assoc.stored,
                         "refused": assoc.refused, "result": assoc.result,
-                        **({"why": assoc.why} if assoc.why else {})}))
+                        **({"why": assoc.why} if assoc.why else {}),
+                        **({"study_uids": studies} if len(studies) > 1 else {})}))
         finally:
             if assoc.handed_to_store:
                 index.release()
@@ -116,6 +120,7 @@ class Listener:
         finally:
             path.unlink(missing_ok=True)
         self.on_ingested(result)
+        self._studies_of.setdefault(sender.association, set()).add(result.header.study_uid)
         return Status.SUCCESS
 
     def select_flows(self, header: InstanceHeader) -> dict[str, float]:

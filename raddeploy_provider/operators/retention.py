@@ -30,7 +30,8 @@ def airflow_state(dag_id: str, run_id: str) -> str | None:
     from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
 
     try:
-        return str(RuntimeTaskInstance.get_dagrun_state(dag_id=dag_id, run_id=run_id))
+        state = RuntimeTaskInstance.get_dagrun_state(dag_id=dag_id, run_id=run_id)
+        return str(getattr(state, "value", state))  # a DagRunState: "success", not "DagRunState.SUCCESS"
     except Exception:
         if not RuntimeTaskInstance.get_dr_count(dag_id=dag_id, run_ids=[run_id]):
             return None

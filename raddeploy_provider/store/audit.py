@@ -65,6 +65,7 @@ OUTCOMES: dict[str, int] = {"success": 0, "minor_failure": 4, "serious_failure":
 DETAIL_KEYS: dict[str, str] = {
     "called_ae": "the AE title the sender called",
     "association": "the listener's id of the association (pid-number)",
+    "study_uids": "the studies an association stored instances of, when more than one",
     "result": "accepted, refused, aborted, lost, timed out",
     "why": "why it was refused or ended so (our words)",
     "stored": "instances stored",
@@ -126,8 +127,9 @@ class AuditRecord:
                              "if it holds no patient data")
 
     def row(self, at: float) -> tuple[Any, ...]:
-        """The values of ``audit``'s columns after its id, in order (:data:`INSERT`)."""
-        return (at, self.event, self.outcome, self.study_uid, self.dag_id, self.run_id, self.actor, self.peer,
+        """The values of ``audit``'s columns after its id, in order (:data:`INSERT`); ``at`` unless the
+        record has its own time (an association: when it began)."""
+        return (self.at if self.at is not None else at, self.event, self.outcome, self.study_uid, self.dag_id, self.run_id, self.actor, self.peer,
                 json.dumps(dict(self.detail), separators=(",", ":"), sort_keys=True, default=str))
 
     def as_json(self) -> dict[str, Any]:
@@ -214,7 +216,7 @@ def export(index: StudyIndex, folder: Path) -> int:
         done = int(marker.read_text().strip() or 0)
     except (FileNotFoundError, ValueError):
         done = 0
-    new = index.audit_records(after_id=done)
+    new = sorted(index.audit_records(after_id=done), key=lambda r: r.id or 0)
     if not new:
         return 0
     for day in sorted({_day(r.at or 0.0) for r in new}):

@@ -485,11 +485,12 @@ class StudyIndex:
     def audit_records(self, since: float | None = None, until: float | None = None, study_uid: str | None = None,
                       after_id: int | None = None, up_to_id: int | None = None,
                       limit: int | None = None) -> list[audit.AuditRecord]:
-        """The trail's records in the order they were made, filtered by time, study and id."""
+        """The trail's records in the order of their times, filtered by time, study and id."""
         where = [(clause, value) for clause, value in (
             ("at >= ?", since), ("at < ?", until), ("study_uid = ?", study_uid), ("id > ?", after_id),
             ("id <= ?", up_to_id)) if value is not None]
-        sql = "SELECT * FROM audit" + (" WHERE " + " AND ".join(c for c, _ in where) if where else "") + " ORDER BY id"
+        sql = ("SELECT * FROM audit" + (" WHERE " + " AND ".join(c for c, _ in where) if where else "")
+               + " ORDER BY at, id")
         args = tuple(v for _, v in where)
         if limit is not None:
             sql, args = sql + " LIMIT ?", args + (limit,)

@@ -92,7 +92,7 @@ def test_parsing_context_builds_only_the_running_dag(flows, monkeypatch):
 
 
 def test_dag_file_imports_cleanly_in_airflow(flows, tmp_path):
-    """The DAG file as the dag-processor loads it: no import errors, both DAGs found."""
+    """The DAG files as the dag-processor loads them: no import errors, both flows and the maintenance DAG found."""
     code = ("from airflow.dag_processing.dagbag import DagBag; "
             f"b = DagBag(dag_folder={str(REPO / 'dags')!r}); "
             "print(sorted(b.dag_ids)); print(b.import_errors)")
@@ -101,7 +101,7 @@ def test_dag_file_imports_cleanly_in_airflow(flows, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()
-    assert lines[-2] == "['diamond', 'invalid_broken']"
+    assert lines[-2] == "['diamond', 'invalid_broken', 'raddeploy_retention']"  # the provider's maintenance DAG too
     assert lines[-1] == "{}"
 
 
@@ -120,7 +120,7 @@ def test_a_dag_parse_imports_no_dicom_or_numpy_library(flows, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     dag_ids, imported = out.stdout.strip().splitlines()[-2:]
-    assert dag_ids == "['diamond', 'invalid_broken']"
+    assert dag_ids == "['diamond', 'invalid_broken', 'raddeploy_retention']"
     assert imported == "[]", f"a DAG parse imported {imported}: import it inside the operator's execute"
 
 
