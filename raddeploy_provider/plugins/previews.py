@@ -134,6 +134,9 @@ def build_app(data: DataDir | None = None) -> Any:
         return Response(content=content, media_type="image/png",
                         headers={"Cache-Control": "private, no-cache", "X-Content-Type-Options": "nosniff"})
 
+    from raddeploy_provider.plugins.status import add_route
+
+    add_route(app)  # GET /raddeploy/status
     return app
 
 
@@ -155,4 +158,4 @@ class RadDeployPlugin(AirflowPlugin):
     """The routes of raddeploy-provider on Airflow's API server."""
 
     name = "raddeploy"
-    fastapi_apps = [{"app": LazyApp(build_app), "url_prefix": URL_PREFIX, "name": "RadDeploy review previews"}]
+    fastapi_apps = [{"app": LazyApp(build_app), "url_prefix": URL_PREFIX, "name": "RadDeploy review previews and status"}]

@@ -12,10 +12,13 @@ import json
 import os
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 
+from browser import screenshot
 from dicom_factory import make_series
 from peers import storescu, wait_for
 from stack_factory import add_flow, query, run_finished, task_log
@@ -42,10 +45,10 @@ destinations:
 """
 
 
-def raddeploy(stack, *args: str) -> subprocess.CompletedProcess:
+def raddeploy(stack, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "RADDEPLOY_DATA": str(stack.data_dir), "RADDEPLOY_AIRFLOW_URL": stack.api_url,
            "RADDEPLOY_AIRFLOW_USER": "admin", "RADDEPLOY_AIRFLOW_PASSWORD": stack.passwords()["admin"],
-           "RADDEPLOY_RETAIN_DELIVERED": "1s"}  # as the stack's (conftest)
+           "RADDEPLOY_RETAIN_DELIVERED": "1s", **(env or {})}  # as the stack's (conftest)
     env.pop("RADDEPLOY_INDEX_URL", None)
     return subprocess.run([sys.executable, "-m", "raddeploy", *args], env=env, capture_output=True, text=True,
                           timeout=60)
@@ -83,6 +86,36 @@ def test_the_audit_trail_holds_association_run_model_and_send_in_order(stack, de
     assert len(send["detail"]["sop_uids"]) == 3 and "E2EDEST@127.0.0.1" in send["peer"]
     text = raddeploy(stack, "audit", "--since", "1h", "--study", delivered.study_uid).stdout
     assert "model_run" in text and "send" in text and PATIENT_ID not in text
+
+
+def test_status_shows_the_study_its_run_and_the_health_of_the_parts(stack, delivered):
+    gpus = {"RADDEPLOY_GPUS": "0,1", "RADDEPLOY_GPU_LOCK_DIR": str(stack.home / "gpu-locks"),
+            "RADDEPLOY_LISTEN_PORT": str(stack.dicom_port)}
+    done = raddeploy(stack, "status", "--json", env=gpus)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    (study,) = [s for s in report["studies"] if s["study_uid"] == delivered.study_uid]
+    assert study["series"] == 1 and study["instances"] == 3 and study["patient_name"] is None
+    (run,) = study["runs"]
+    assert run["dag_id"] == DAG_ID and run["state"] == "success" and 0 < run["delivered_after"] < 120
+    assert report["listener"].startswith("answers C-ECHO at RADDEPLOY@127.0.0.1")
+    assert report["gpus"] == {"0": "free", "1": "free"} and report["outbox_waiting"] == 0
+    text = raddeploy(stack, "status", env=gpus).stdout
+    assert f"{delivered.study_uid}  from " in text and "1 series, 3 instances" in text
+    assert f"{DAG_ID} {delivered.study_uid}.1: success, delivered" in text and "Phantom" not in text
+    named = raddeploy(stack, "status", env={**gpus, "RADDEPLOY_SHOW_PATIENT_NAMES": "true"}).stdout
+    assert f"{delivered.study_uid} Test^Phantom  from" in named  # only when the deployment turns it on
+
+
+def test_the_status_page_in_a_real_browser_and_refused_without_login(stack, delivered, tmp_path):
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{stack.api_url}/raddeploy/status", timeout=30)
+    assert refused.value.code == 401
+    text = screenshot(stack.api_url, "admin", stack.passwords()["admin"], "/raddeploy/status",
+                      tmp_path / "status.png", wait_for_text=delivered.study_uid, name="status-page.png")
+    assert "RadDeploy status" in text and f"{DAG_ID} success" in text
+    assert "last association" in text and "Phantom" not in text and PATIENT_ID not in text
+    assert (tmp_path / "status.png").stat().st_size > 10_000
 
 
 def test_the_retention_dag_deletes_a_delivered_study_and_keeps_an_open_one(stack, airflow, destination, delivered,
