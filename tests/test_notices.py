@@ -19,7 +19,7 @@ PHI = ("Test^Phantom", "Phantom", "TEST0001")
 def test_the_events_are_the_flow_schemas() -> None:
     assert notices.EVENTS == keys_of("notify")["on"].choices
     assert set(notices.DEFAULT_EVENTS) == set(notices.EVENTS) - {DELIVERY}
-    assert set(notices.HEADLINES) == set(notices.EVENTS)
+    assert set(notices.HEADLINES) == set(notices.EVENTS) | {notices.DISK}  # DISK: the deployment's own alert
 
 
 def test_a_flow_overrides_the_deployment_field_by_field() -> None:

@@ -21,7 +21,7 @@ import pytest
 from browser import screenshot
 from dicom_factory import make_series
 from peers import storescu, wait_for
-from stack_factory import add_flow, query, run_finished, task_log
+from stack_factory import add_flow, query, run_finished, run_path, task_log
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -141,6 +141,10 @@ def test_the_retention_dag_deletes_a_delivered_study_and_keeps_an_open_one(stack
     assert query(stack, "SELECT * FROM instances WHERE study_uid = ?", (delivered.study_uid,)) == []
     assert (stack.data_dir / "studies" / held.study_uid).is_dir()
     assert len(query(stack, "SELECT * FROM instances WHERE study_uid = ?", (held.study_uid,))) == 1
+    # End the held run: while its sensor's trigger waits, the review tests after this one do not
+    # get their approvals (found here, Dec 2026; the closing note of issue 15 has it).
+    status, _ = airflow._request("PATCH", run_path(HOLD_DAG, f"{held.study_uid}.1"), {"state": "failed"})
+    assert status == 200
     deletion = [r for r in audit_of(stack, delivered.study_uid) if r["event"] == "deletion"]
     assert len(deletion) == 1 and deletion[0]["detail"]["instances"] == 3
     assert deletion[0]["actor"] == "raddeploy_retention"
@@ -148,8 +152,12 @@ def test_the_retention_dag_deletes_a_delivered_study_and_keeps_an_open_one(stack
     exported = sorted((stack.data_dir / "audit").glob("audit-*.jsonl"))
     lines = [json.loads(line) for path in exported for line in path.read_text().splitlines()]
     assert {"association", "run_opened", "model_run", "send", "deletion"} <= {line["event"] for line in lines}
-    # No patient name or ID in the audit output, nor in any log of Airflow or the listener.
-    logs = [p for p in (stack.home / "airflow" / "logs").rglob("*") if p.is_file()] + list(stack.logs_dir.glob("*"))
+    # No patient name or ID in the audit output, nor in the logs of this study's runs, of the
+    # retention DAG, of Airflow's components and the listener (other tests' models print theirs).
+    ours = (f"dag_id={DAG_ID}/run_id={delivered.study_uid}.1", "dag_id=raddeploy_retention")
+    logs = [p for p in (stack.home / "airflow" / "logs").rglob("*") if p.is_file()
+            and ("dag_id=" not in str(p) or any(part in str(p) for part in ours))] + list(stack.logs_dir.glob("*"))
+    assert any(f"dag_id={DAG_ID}/run_id={delivered.study_uid}.1" in str(p) for p in logs)
     for path in exported + logs:
         text = path.read_text(errors="replace")
         assert PATIENT_ID not in text and "Phantom" not in text, path
