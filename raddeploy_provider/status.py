@@ -21,6 +21,7 @@ from raddeploy_provider.config import Settings
 from raddeploy_provider.store import StudyIndex
 from raddeploy_provider.store.audit import iso
 from raddeploy_provider.store.retention import free_bytes
+from raddeploy_provider.units import format_gb
 
 #: A DAG run's state as Airflow has it, None when it has none (see store.retention.RunStates).
 RunStates = Callable[[str, str], "str | None"]
@@ -65,8 +66,8 @@ class StatusReport:
         lines = [f"raddeploy status at {iso(self.at)}",
                  f"listener: {self.listener}",
                  f"outbox: {self.outbox_waiting} trigger(s) waiting for Airflow, {self.outbox_given_up} given up",
-                 f"disk: {_gb(self.free_bytes)} free (refuses instances below {_gb(self.min_free_disk)}, "
-                 f"retention's low-water mark {_gb(self.low_water) if self.low_water else 'off'})",
+                 f"disk: {format_gb(self.free_bytes)} free (refuses instances below {format_gb(self.min_free_disk)}, "
+                 f"retention's low-water mark {format_gb(self.low_water) if self.low_water else 'off'})",
                  "GPUs on this host: " + (", ".join(f"{d} {s}" for d, s in self.gpus.items()) or "none"), ""]
         lines.append(f"last {len(self.studies)} studies (newest first):")
         for s in self.studies:
@@ -98,14 +99,10 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
 <h1>RadDeploy status</h1><p>at {e(iso(self.at))}</p>
 <ul id="health"><li>Listener: {e(self.listener)}</li>
 <li>Outbox: {self.outbox_waiting} waiting for Airflow, {self.outbox_given_up} given up</li>
-<li>Disk: {e(_gb(self.free_bytes))} free (instances refused below {e(_gb(self.min_free_disk))})</li>
+<li>Disk: {e(format_gb(self.free_bytes))} free (instances refused below {e(format_gb(self.min_free_disk))})</li>
 <li>GPUs: {gpus}</li></ul>
 <h2>Last studies</h2><table id="studies"><tr><th>received</th><th>study</th><th>sender</th><th>series</th>
 <th>instances</th><th>runs (time from last instance to delivery)</th></tr>{''.join(rows)}</table></body></html>"""
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.1f} GB"
 
 
 def delivered_at(manifest: dict[str, Any]) -> float | None:

@@ -54,6 +54,11 @@ def parse_size(value: Any) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
 
 
+def format_gb(size: int) -> str:
+    """Bytes as people read a disk's free space: ``12.3 GB``."""
+    return f"{size / 1e9:.1f} GB"
+
+
 def slug(text: str) -> str:
     """A DAG id from a flow name: lower case, runs of other characters become ``_``."""
     return re.sub(r"[^a-z0-9_.-]+", "_", text.strip().lower()).strip("_") or "flow"

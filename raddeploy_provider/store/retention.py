@@ -33,6 +33,7 @@ from typing import Callable, Iterable
 
 from .audit import AuditRecord
 from .index import RegisteredRun, StudyIndex, StudySummary
+from ..units import format_gb
 from .layout import DataDir, RunDir
 
 log = logging.getLogger(__name__)
@@ -273,9 +274,9 @@ def purge(plan_: Plan, index: StudyIndex, data: DataDir, *, actor: str, dry_run:
             else:
                 skipped.append(v.study_uid)
         after = (plan_.free_bytes or 0) + freed if dry_run else free()
-        alert = (f"free disk of the data dir {_gb(plan_.free_bytes or 0)} is below the low-water mark "
-                 f"{_gb(plan_.low_water)} (RADDEPLOY_DISK_LOW_WATER): {early_done} delivered or unmatched "
-                 f"studies deleted ahead of their retention, oldest first; now {_gb(after)} free"
+        alert = (f"free disk of the data dir {format_gb(plan_.free_bytes or 0)} is below the low-water mark "
+                 f"{format_gb(plan_.low_water)} (RADDEPLOY_DISK_LOW_WATER): {early_done} delivered or unmatched "
+                 f"studies deleted ahead of their retention, oldest first; now {format_gb(after)} free"
                  + ("" if after >= plan_.low_water else
                     ": still below, and nothing more may go (open runs, failed or rejected runs are kept): "
                     "add disk or shorten RADDEPLOY_RETAIN_FAILED"))
@@ -285,10 +286,6 @@ def purge(plan_: Plan, index: StudyIndex, data: DataDir, *, actor: str, dry_run:
                                            detail={"free_bytes": after, "low_water": plan_.low_water,
                                                    "studies": early_done}))
     return Outcome(tuple(deleted), tuple(skipped), alert)
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.1f} GB"
 
 
 def _purge_one(v: Verdict, planned_at: float, index: StudyIndex, data: DataDir, actor: str, early: bool) -> bool:
