@@ -289,8 +289,18 @@ class EmbeddedStack:
         from raddeploy_provider.gpu import host_gpu_ids, pool_size
 
         slots, description = pool_size(host_gpu_ids(env), env.get("RADDEPLOY_GPU_FALLBACK", "none").strip().lower())
+        from raddeploy_provider.airflow_client import AirflowUnavailable
+
         client = AirflowClient(self.api_url, "admin", self.passwords()["admin"])
-        client.ensure_pool(env.get("RADDEPLOY_GPU_POOL", "raddeploy_gpu"), slots, description)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client.ensure_pool(env.get("RADDEPLOY_GPU_POOL", "raddeploy_gpu"), slots, description)
+                return
+            except AirflowUnavailable:  # measured: a 500 while the API server's SQLite is busy at start-up
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
 
     def gpu_summary(self) -> list[str]:
         """The GPUs found and each flow with GPU models (``raddeploy run`` prints it at start-up)."""
