@@ -41,7 +41,7 @@ def stack(tmp_path_factory, destination, docker_ready) -> EmbeddedStack:
     home = tmp_path_factory.mktemp("home")
     # Two pretend GPUs, given to containers through NVIDIA_VISIBLE_DEVICES (no GPU needed).
     gpus = {"RADDEPLOY_GPUS": "0,1", "RADDEPLOY_GPU_MODE": "env", "RADDEPLOY_GPU_LOCK_DIR": str(home / "gpu-locks")}
-    # Retention by hand only (test_retention_audit triggers it), delivered data due at once.
+    # Retention by hand only (test_years_of_operation triggers it, last), delivered data due at once.
     retention = {"RADDEPLOY_RETENTION_SCHEDULE": "off", "RADDEPLOY_RETAIN_DELIVERED": "1s"}
     with running_stack(home, {"e2e.yaml": FLOW.format(port=destination.port, ae=destination.ae_title)},
                        extra_env={**gpus, **retention}) as started:

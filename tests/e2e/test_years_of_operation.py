@@ -3,7 +3,9 @@
 keeps a study whose run is still open.
 
 The session stack (conftest) runs with ``RADDEPLOY_RETAIN_DELIVERED=1s`` and
-``RADDEPLOY_RETENTION_SCHEDULE=off``: the DAG runs only when this test triggers it.
+``RADDEPLOY_RETENTION_SCHEDULE=off``: the DAG runs only when this test triggers it, and then
+deletes every delivered study of the session. So this module runs last of the session stack's
+(its name sorts after theirs).
 """
 
 from __future__ import annotations
@@ -141,8 +143,8 @@ def test_the_retention_dag_deletes_a_delivered_study_and_keeps_an_open_one(stack
     assert query(stack, "SELECT * FROM instances WHERE study_uid = ?", (delivered.study_uid,)) == []
     assert (stack.data_dir / "studies" / held.study_uid).is_dir()
     assert len(query(stack, "SELECT * FROM instances WHERE study_uid = ?", (held.study_uid,))) == 1
-    # End the held run: while its sensor's trigger waits, the review tests after this one do not
-    # get their approvals (found here, Dec 2026; the closing note of issue 15 has it).
+    # End the held run: nothing after this test should share the triggerer with it (a review
+    # approval was not picked up, twice, with this module before the review tests: issue 14's note).
     status, _ = airflow._request("PATCH", run_path(HOLD_DAG, f"{held.study_uid}.1"), {"state": "failed"})
     assert status == 200
     deletion = [r for r in audit_of(stack, delivered.study_uid) if r["event"] == "deletion"]
