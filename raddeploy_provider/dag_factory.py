@@ -69,10 +69,12 @@ def build_dag(flow: Flow) -> DAG:
     settings = load_settings()
     weight = _weights(flow)
     with dag:
-        # One retry, for Airflow 3.3's resume-after-defer race: when the trigger fires before the
-        # executor has reported the deferring workload's exit, that late "success" event for the same
-        # try is taken as a mismatch and the resumed, running sensor is marked failed (seen once in CI
-        # under load). Taking the input again is idempotent (snapshot links, the closed run).
+        # One retry. The sensor starts on the triggerer and, in the common case, ends there; when a
+        # worker resumes it (decompressed input, a timeout) or runs it by hand, Airflow 3.3's
+        # resume-after-defer race applies: a trigger that fires before the executor has reported the
+        # deferring workload's exit has that late "success" event taken as a mismatch, and the
+        # resumed sensor is marked failed (seen once in CI under load). Taking the input again is
+        # idempotent (snapshot links, the closed run).
         sensor = FingerprintSensor(task_id=SENSOR_TASK, flow=flow, retries=1, retry_delay=timedelta(seconds=2),
                                    **weight["sensor"])
         tasks = {}

@@ -134,5 +134,26 @@ def test_airflow_lists_the_provider(tmp_path):
 def test_no_task_of_a_flow_renders_flow_text_as_a_template(flows):
     """Flow strings reach the operators' fields; Jinja must never render them (`{{ conn.x.password }}`)."""
     for task in build_all(flows)["diamond"].tasks:
-        assert tuple(task.template_fields) == (), (task.task_id, task.template_fields)
+        # The sensor's two are ours (its run and study, rendered on the triggerer), never flow text.
+        ours = {"run_id": "{{ run_id }}", "study_uid": "{{ (dag_run.conf or {}).get('study_uid') or '' }}"} \
+            if isinstance(task, FingerprintSensor) else {}
+        assert {name: getattr(task, name) for name in task.template_fields} == ours, task.task_id
         assert tuple(getattr(task, "template_ext", ())) == (), task.task_id
+
+
+def test_the_sensor_starts_on_the_triggerer_as_the_scheduler_reads_it(flows):
+    """What the scheduler and the triggerer see is the serialized DAG: start_from_trigger, the
+    trigger's arguments and the sensor's template fields (rendered on the triggerer) survive it."""
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    dag = build_all(flows)["diamond"]
+    task = DagSerialization.from_dict(DagSerialization.to_dict(dag)).get_task("fingerprint")
+    assert task.start_from_trigger is True
+    args = task.start_trigger_args
+    assert (args.trigger_cls, args.next_method) == ("raddeploy_provider.triggers.study_ready.StudyReadyTrigger",
+                                                    "execute_complete")
+    kwargs = args.trigger_kwargs.get("__var", args.trigger_kwargs)  # as stored: Airflow-encoded, as the triggerer decodes
+    assert kwargs["run_id"] == "{{ run_id }}" and kwargs["take_input"] is True
+    assert kwargs["dag_id"] == "diamond" and kwargs["data_dir"] == ""
+    assert {"run_id", "study_uid"} <= set(task.template_fields)
+    assert args.timeout.total_seconds() > 0  # Airflow's backstop behind the trigger's own deadline

@@ -47,8 +47,9 @@ def test_a_gpu_task_that_cannot_be_scheduled_says_why_in_the_note_and_the_log(st
 
     run = wait_for(noted, 120, "the run note to say why the GPU task waits")
     assert run["note"].startswith("Flow E2E GPU wait: input 2 instances, 1 series. Waiting for a GPU: pool")
-    tasks = task_instances(airflow, DAG_ID, run_id)
-    assert tasks["fingerprint"]["state"] == "success"
+    # The note is written as the input is taken, on the triggerer, before it ends the sensor.
+    tasks = wait_for(lambda: (t := task_instances(airflow, DAG_ID, run_id))["fingerprint"]["state"] == "success"
+                     and t, 30, "the sensor to end")
     assert tasks["huge"]["state"] in ("scheduled", None)  # never queued: the pool cannot hold it
     assert WHY in task_log(airflow, DAG_ID, run_id, "fingerprint")
     # leave no run waiting in the session stack

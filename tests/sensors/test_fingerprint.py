@@ -19,14 +19,16 @@ from types import SimpleNamespace
 import pydicom
 import pytest
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException, TaskDeferred
+from airflow.triggers.base import TaskSuccessEvent
 
 from pydicom.uid import generate_uid
 
 from dicom_factory import make_series
 from raddeploy_provider.flows import load_flow
-from raddeploy_provider.sensors.fingerprint import FingerprintSensor, _sender
+from raddeploy_provider.sensors.fingerprint import FingerprintSensor
+from raddeploy_provider.utils.intake import sender as _sender
 from raddeploy_provider.store import NEVER, StudyStore
-from raddeploy_provider.triggers.study_ready import StudyReadyTrigger
+from raddeploy_provider.triggers.study_ready import BACKSTOP, StudyReadyTrigger
 
 FLOW = """
 name: Two modalities
@@ -188,3 +190,75 @@ def test_a_run_without_a_study_uid_fails_with_what_to_do(world):
     context = {**world.context, "dag_run": SimpleNamespace(conf={})}
     with pytest.raises(AirflowFailException, match=r'trigger with \{"study_uid": "..."\}'):
         world.sensor().execute(context)
+
+
+def started_trigger(sensor: FingerprintSensor, context: dict, data_dir: str = "") -> StudyReadyTrigger:
+    """The trigger as the triggerer builds it for a sensor that starts there: the serialized start
+    arguments, with the sensor's template fields rendered for this run (run id, study)."""
+    args = sensor.start_trigger_args
+    assert sensor.start_from_trigger and args.trigger_cls == "raddeploy_provider.triggers.study_ready.StudyReadyTrigger"
+    assert set(sensor.template_fields) <= set(args.trigger_kwargs)  # the ones the triggerer renders
+    kwargs = json.loads(json.dumps(args.trigger_kwargs))  # stored in the serialized DAG: plain data only
+    assert kwargs["run_id"] == "{{ run_id }}" and "dag_run.conf" in kwargs["study_uid"]
+    kwargs.update(run_id=context["run_id"], study_uid=context["dag_run"].conf.get("study_uid", ""), data_dir=data_dir)
+    return StudyReadyTrigger(**kwargs)
+
+
+def test_started_on_the_triggerer_it_takes_the_input_and_ends_the_task_there(world):
+    world.push(world.ct)
+    world.push(world.mr)
+    sensor = world.sensor()
+    trigger = started_trigger(sensor, world.context)
+
+    async def events():
+        return [event async for event in trigger.run()]
+    [event] = asyncio.run(asyncio.wait_for(events(), 10))
+    assert isinstance(event, TaskSuccessEvent)  # no worker resumes it
+    summary = event.xcoms["return_value"]
+    assert summary == {"study_uid": world.ct.study_uid, "instances": 3,
+                       "series": sorted([world.ct.series_uid, world.mr.series_uid])}
+    assert len(list((world.run_dir / "input").iterdir())) == 3
+    assert world.store.index.run_state("two_modalities", world.context["run_id"]) == "closing"
+    manifest = json.loads((world.run_dir / "manifest.json").read_text())
+    assert manifest["sender"] == {"calling_ae": "SCANNER", "host": "127.0.0.1"}
+
+
+def test_started_on_the_triggerer_its_deadline_is_airflows_timeout_less_the_backstop(world):
+    """Airflow sets the deferral's timeout from the sensor's start (grouping.timeout + BACKSTOP); the
+    trigger answers BACKSTOP before it, with what it waited for (here: 0.3 s from now)."""
+    from datetime import datetime, timedelta, timezone
+    world.push(world.ct)  # the MR never comes
+    trigger = started_trigger(world.sensor("fail"), world.context)
+    trigger.timeout_after = datetime.now(timezone.utc) + timedelta(seconds=BACKSTOP + 0.3)
+    event = run_trigger(trigger)
+    assert event["status"] == "timeout" and "Modality=MR - not received yet" in event["waiting_for"]
+
+
+def test_an_input_the_triggerer_cannot_take_is_left_to_a_worker(world):
+    world.push(world.ct)
+    world.push(world.mr)
+    world.run_dir.mkdir(parents=True)
+    (world.run_dir / "input").write_text("not a folder")  # the links cannot be made here
+    sensor = world.sensor()
+    assert run_trigger(started_trigger(sensor, world.context)) == {"status": "ready"}
+    (world.run_dir / "input").unlink()  # mended; the worker's resume takes it
+    assert sensor.execute_complete(world.context, {"status": "ready"})["instances"] == 3
+
+
+def test_a_flow_that_wants_decompressed_input_is_resumed_on_a_worker(world, tmp_path):
+    path = tmp_path / "flow_uncompressed.yaml"
+    path.write_text(FLOW.format(on_timeout="skip") + "input: {transfer_syntax: uncompressed}\n")
+    sensor = FingerprintSensor(task_id="fingerprint", flow=load_flow(path), poll_interval=0.05)
+    world.push(world.ct)
+    world.push(world.mr)
+    assert run_trigger(started_trigger(sensor, world.context)) == {"status": "ready"}
+    assert not world.run_dir.exists()  # nothing taken on the triggerer
+
+
+def test_started_for_a_run_without_a_study_uid_the_worker_says_what_to_do(world):
+    context = {**world.context, "dag_run": SimpleNamespace(conf={})}
+    sensor = world.sensor()
+    event = run_trigger(started_trigger(sensor, context))
+    assert event["status"] == "error"
+    with pytest.raises(AirflowFailException, match=r'trigger with \{"study_uid": "..."\}'):
+        sensor.execute_complete(context, event)
