@@ -6,7 +6,9 @@ succeeded. A flow's GPU model sleeps ``--sleep`` s; with ``--cpu-flow`` a second
 CPU model (sleeping 1 s) matches every study too. Reports, from the run manifests and the REST
 API:
 
-- wall time from first push to last success against the ideal (studies x sleep / 2 slots);
+- wall time from first push to last success against the ideal (studies x sleep / 2 slots), and
+  against the raw limit measured in the same run before the stack starts: Docker alone running
+  the model's container two at a time (create, start, exit, remove: a 2 s model takes more);
 - the share of the GPU span in which both GPUs were in use, and the same share counted only
   while a GPU task was ready and waiting (its sensor done, its container not started);
 - the longest time a ready GPU task waited while a GPU slot was free;
@@ -95,6 +97,31 @@ def when(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
+def docker_round(sleep: float, rounds: int = 3) -> float:
+    """The raw limit's unit, measured before the stack starts: the median seconds for two containers
+    of the benchmark's model run side by side (one per GPU slot), with the model tasks' safe defaults
+    (no network, memory and pids limits, no capabilities), from create to removed."""
+    import docker
+    from concurrent.futures import ThreadPoolExecutor
+
+    from raddeploy_provider.config import load_settings
+
+    client, limits = docker.from_env(), load_settings()
+    command = ["sh", "-c", f"echo 0 > /dev/null; sleep {sleep:g}"]
+
+    def one() -> None:
+        client.containers.run("raddeploy/busybox:latest", command, network_mode="none", remove=True,
+                              mem_limit=limits.model_mem_limit, pids_limit=limits.model_pids_limit,
+                              cap_drop=["ALL"], security_opt=["no-new-privileges"])
+    times = []
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(rounds):
+            t0 = time.monotonic()
+            list(pool.map(lambda _: one(), range(2)))
+            times.append(time.monotonic() - t0)
+    return statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--studies", type=int, default=20)
@@ -102,6 +129,7 @@ def main() -> None:
     parser.add_argument("--sleep", type=float, default=2.0)
     parser.add_argument("--cpu-flow", action="store_true", help="a second flow, with a CPU model, on every study")
     parser.add_argument("--burst", action="store_true", help="50 studies of 20 slices, GPU and CPU flows")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (the stack's logs) to look into")
     args = parser.parse_args()
     if args.burst:
         args.studies, args.slices, args.cpu_flow = 50, 20, True
@@ -119,6 +147,7 @@ def main() -> None:
                                      "RADDEPLOY_GPU_LOCK_DIR": str(work / "locks")})
     studies = [make_series(work / f"s{i}", slices=args.slices if i else 1, size=64 if args.slices > 1 else 16)
                for i in range(args.studies + 1)]
+    round_s = docker_round(args.sleep)  # on the quiet machine, before the stack starts
     stack.start()
     client = AirflowClient(stack.api_url, "admin", stack.passwords()["admin"], timeout=30)
 
@@ -189,6 +218,9 @@ def main() -> None:
           + ("; a CPU flow (model sleeps 1 s) on every study too" if args.cpu_flow else ""))
     print(f"wall time, first push -> last run succeeded: {wall:.1f} s   (ideal {ideal:.0f} s: "
           f"{ideal / wall:.2f}x of ideal)")
+    raw = -(-args.studies // 2) * round_s
+    print(f"raw limit, Docker alone: {raw:.1f} s ({-(-args.studies // 2)} rounds of 2 containers side by side, "
+          f"{round_s:.2f} s a round for a {args.sleep:g} s model); wall time is {raw / wall:.2f}x of it")
     print(f"GPU tasks: first start -> last end {span:.1f} s; both GPUs busy {share * 100:.0f}% of it; "
           f"while GPU work waited ({waiting:.1f} s): {share_waiting * 100:.0f}%")
     print(f"longest time a ready GPU task waited with a GPU slot free: {worst:.1f} s")
@@ -202,7 +234,10 @@ def main() -> None:
     print(f"tasks per GPU id: {dict(sorted(per_gpu.items()))}")
     print("runs: every study exactly one run of each flow" if not lost_or_extra
           else f"RUNS LOST OR DUPLICATED: {lost_or_extra}")
-    shutil.rmtree(work, ignore_errors=True)  # kept only when the benchmark failed, to look into
+    if args.keep:
+        print(f"work folder kept: {work} (the stack's logs in {stack.logs_dir})")
+    else:
+        shutil.rmtree(work, ignore_errors=True)  # kept only when the benchmark failed, to look into
     if lost_or_extra:
         raise SystemExit(1)
 

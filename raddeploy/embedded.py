@@ -56,6 +56,11 @@ from raddeploy.embedded import airflow_process_started
 __all__: list[str] = []  # nothing for airflow.settings to take over
 airflow_process_started()
 '''
+#: What a task process would import at its start: Airflow's task runner, the DAG factory (a flow's
+#: DAG parse), the Docker provider (model tasks), pydicom's reader and writer (provenance, sends).
+TASK_PRELOAD = ("airflow.sdk.execution_time.task_runner", "airflow.sdk.execution_time.supervisor",
+                "raddeploy_provider.dag_factory", "airflow.providers.docker.operators.docker",
+                "raddeploy_provider.dicom.provenance", "raddeploy_provider.dicom.scu", "pydicom")
 #: The children ``airflow standalone`` starts (as ``airflow <name>``; the api-server retitles
 #: itself ``airflow api_server -- host:...``). It starts each once: a dead one is not restarted.
 AIRFLOW_COMPONENTS = ("scheduler", "dag-processor", "triggerer", "api-server")
@@ -189,6 +194,13 @@ class EmbeddedStack:
             "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__PARALLELISM": os.environ.get("AIRFLOW__CORE__PARALLELISM", "8"),
+            # The LocalExecutor's workers come from a forkserver that has imported what a task's DAG
+            # parse and model and send tasks import (Airflow 3.3's [scheduler] mp_start_method and
+            # mp_forkserver_preload): each task process is a fork of a worker that holds them, so a
+            # task start no longer imports them (docs/architecture.md, "Cost per run").
+            "AIRFLOW__SCHEDULER__MP_START_METHOD": os.environ.get("AIRFLOW__SCHEDULER__MP_START_METHOD", "forkserver"),
+            "AIRFLOW__SCHEDULER__MP_FORKSERVER_PRELOAD": os.environ.get(
+                "AIRFLOW__SCHEDULER__MP_FORKSERVER_PRELOAD", ",".join(TASK_PRELOAD)),
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
             "AIRFLOW__API__HOST": LOOPBACK,
             # The served-log URLs name this host as 127.0.0.1, where the log servers listen.
@@ -283,12 +295,13 @@ class EmbeddedStack:
         return "the listener's lines above (its output is this command's)"
 
     def _ensure_gpu_pool(self, env: dict[str, str]) -> None:
-        """One slot per GPU of this host (or the CPU fallback's), so GPU model tasks are scheduled
-        (or their runs say why they wait)."""
+        """``RADDEPLOY_GPU_QUEUE_DEPTH`` slots per GPU of this host (or the CPU fallback's), so GPU
+        model tasks are scheduled (or their runs say why they wait)."""
         from raddeploy_provider.airflow_client import AirflowClient
         from raddeploy_provider.gpu import host_gpu_ids, pool_size
 
-        slots, description = pool_size(host_gpu_ids(env), env.get("RADDEPLOY_GPU_FALLBACK", "none").strip().lower())
+        slots, description = pool_size(host_gpu_ids(env), env.get("RADDEPLOY_GPU_FALLBACK", "none").strip().lower(),
+                                       self._gpu_queue_depth(env))
         from raddeploy_provider.airflow_client import AirflowUnavailable
 
         client = AirflowClient(self.api_url, "admin", self.passwords()["admin"])
@@ -310,7 +323,15 @@ class EmbeddedStack:
         env = self.environment()
         flows = [(flow.dag_id, [(m.name, m.gpu) for m in flow.models]) for flow in load_flows(self.flows_dir).flows]
         return summary(env.get("RADDEPLOY_GPU_POOL", "raddeploy_gpu"), host_gpu_ids(env),
-                       env.get("RADDEPLOY_GPU_FALLBACK", "none").strip().lower(), flows)
+                       env.get("RADDEPLOY_GPU_FALLBACK", "none").strip().lower(), flows, self._gpu_queue_depth(env))
+
+    @staticmethod
+    def _gpu_queue_depth(env: dict[str, str]) -> int:
+        """``RADDEPLOY_GPU_QUEUE_DEPTH`` as the stack's tasks read it (config.py's one reading)."""
+        from raddeploy_provider.config import SETTINGS
+
+        setting = next(s for s in SETTINGS if s.field == "gpu_queue_depth")
+        return setting.parse(setting.name, env.get(f"RADDEPLOY_{setting.name}") or setting.default)
 
     def _airflow_healthy(self, since: float | None = None) -> bool:
         """All healthy, and the task execution API answering; with ``since`` (epoch seconds),

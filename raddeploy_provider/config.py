@@ -69,6 +69,7 @@ class Settings:
     gpu_fallback: str  # "none" (GPU models wait for a GPU) or "cpu" (they run without one where there is none)
     gpu_lock_dir: Path
     gpu_lease_timeout: float
+    gpu_queue_depth: int  # pool slots per GPU: 2, the next GPU task waits started for the lease
     model_mem_limit: int
     model_pids_limit: int
     outbox_give_up: float  # seconds a trigger Airflow keeps refusing is retried before it is given up
@@ -109,6 +110,16 @@ def _stripped(name: str, text: str) -> str:
 
 def _int(name: str, text: str) -> int:
     return int(text)
+
+
+def _at_least_one(name: str, text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{PREFIX}{name}={text!r}: write a whole number, 1 or more")
+    return value
 
 
 def _float(name: str, text: str) -> float:
@@ -377,6 +388,12 @@ SETTINGS: tuple[Setting, ...] = (
             "`~/.cache/raddeploy/gpu-locks`", blank_is_default=True),
     Setting("GPU_LEASE_TIMEOUT", "gpu_lease_timeout", "3600", _float,
             "Seconds a GPU task waits for a free device.", GPUS),
+    Setting("GPU_QUEUE_DEPTH", "gpu_queue_depth", "2", _at_least_one,
+            "GPU pool slots per GPU. 2: while a model runs, the next GPU task has already started (its "
+            "process, DAG parse, set-up) and waits for the GPU's lease, which it takes the moment the GPU "
+            "frees (measured in README, \"GPU slots\"). 1: a GPU task starts only when a GPU is free; for "
+            "several GPU hosts behind one pool (compose), where a started task could wait on a busy host "
+            "while another host's GPU is idle. The CPU fallback's slots are never deeper.", GPUS),
     # -- Models
     Setting("MODEL_MEM_LIMIT", "model_mem_limit", lambda done: str(int(_host_memory() * 0.75)), _size,
             "The memory limit of model containers whose flow gives no `mem_limit`.", MODELS,

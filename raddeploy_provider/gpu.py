@@ -10,6 +10,10 @@
   world-writable (:func:`open_lock_dir`); the default (:func:`default_lock_dir`) is no
   predictable path in ``/tmp``, and a lock file is opened without following a link and
   without truncating it before it is checked.
+- **Queue depth** (``RADDEPLOY_GPU_QUEUE_DEPTH``, :func:`pool_size`): the pool holds that many
+  slots per GPU, so while a model runs the next GPU task has already started (its process, DAG
+  parse and set-up) and waits for the lease, which it takes the moment the GPU frees: the GPU
+  does not wait for a task start. 1: a GPU task starts only when a GPU is free.
 - **Hosts without GPUs** (:func:`pool_size`, :func:`shortfall`, :func:`runs_on_cpu`): the pool
   has no slot and a GPU task would wait for ever, so the sensor says why in the run note;
   ``RADDEPLOY_GPU_FALLBACK=cpu`` (demos, CI, laptops) gives the pool :data:`FALLBACK_SLOTS`
@@ -74,20 +78,26 @@ def runs_on_cpu(count: int, device_ids: Sequence[str], fallback: str) -> bool:
     return count > len(device_ids) and count > 0 and fallback == "cpu"
 
 
-def pool_size(device_ids: Sequence[str], fallback: str) -> tuple[int, str]:
-    """The GPU pool's slots on a one-host deployment, and the pool's description (shown in the UI)."""
+def pool_size(device_ids: Sequence[str], fallback: str, depth: int = 1) -> tuple[int, str]:
+    """The GPU pool's slots on a one-host deployment, and the pool's description (shown in the UI):
+    ``depth`` slots per GPU (the queue depth); the CPU fallback's slots are CPU runs, never deeper."""
     if device_ids:
-        return len(device_ids), f"GPUs of this host ({', '.join(device_ids)}); one slot each"
+        each = ("one slot each" if depth == 1 else
+                f"{depth} slots each: one model runs, the next has started and waits for the GPU's lease")
+        return len(device_ids) * depth, f"GPUs of this host ({', '.join(device_ids)}); {each}"
     if fallback == "cpu":
         return FALLBACK_SLOTS, (f"no GPU on this host: GPU models run on the CPU ({FALLBACK_ENV}=cpu), "
                                 f"{FALLBACK_SLOTS} at a time")
     return 0, f"no GPU found on this host: GPU models wait (set RADDEPLOY_GPUS, or {FALLBACK_ENV}=cpu)"
 
 
-def shortfall(pool: str, slots: int, models: Iterable[tuple[str, int]], fallback: str = "none") -> str | None:
+def shortfall(pool: str, slots: int, models: Iterable[tuple[str, int]], fallback: str = "none",
+              depth: int = 1) -> str | None:
     """Why GPU models of a run will not be scheduled: ``models`` are (task id, GPUs) and the pool has
-    ``slots`` in all; None when every one fits (busy slots are a normal wait, not said here)."""
-    short = [(name, count) for name, count in models if count > slots]
+    ``slots`` in all, ``depth`` per GPU (the CPU fallback's: one per GPU's worth); None when every one
+    fits (busy slots are a normal wait, not said here)."""
+    gpus = slots if fallback == "cpu" else slots // max(1, depth)
+    short = [(name, count) for name, count in models if count > gpus]
     if not short:
         return None
     needs = ", ".join(f"{name!r} needs {count}" for name, count in short)
@@ -96,16 +106,22 @@ def shortfall(pool: str, slots: int, models: Iterable[tuple[str, int]], fallback
                 "or fewer, or set RADDEPLOY_GPUS on a host that has the GPUs")
     else:
         todo = f"set RADDEPLOY_GPUS (the host's GPU ids) or {FALLBACK_ENV}=cpu to run GPU models on the CPU"
-    return f"waiting for a GPU: pool {pool} has {slots} slot{'' if slots == 1 else 's'}; {needs}; {todo}"
+    held = f"{slots} slot{'' if slots == 1 else 's'}"
+    if gpus != slots:
+        held += f", {depth} per GPU: {gpus} GPU{'' if gpus == 1 else 's'}"
+    # More than the pool's slots: never scheduled. More GPUs than it has, within its slots: the
+    # model task starts and fails at its lease (NotEnoughGpus), as more GPUs will not appear.
+    what = "waiting for a GPU" if any(count > slots for _, count in short) else "too few GPUs (the model task fails)"
+    return f"{what}: pool {pool} has {held}; {needs}; {todo}"
 
 
 def summary(pool: str, device_ids: Sequence[str], fallback: str,
-            flows: Iterable[tuple[str, Sequence[tuple[str, int]]]]) -> list[str]:
+            flows: Iterable[tuple[str, Sequence[tuple[str, int]]]], depth: int = 1) -> list[str]:
     """What ``raddeploy run`` says at start-up: the GPUs found, and each flow with GPU models.
 
     ``flows`` are (DAG id, [(model, GPUs), ...]); the lines hold no patient data.
     """
-    slots, description = pool_size(device_ids, fallback)
+    slots, description = pool_size(device_ids, fallback, depth)
     lines = [f"GPUs: {', '.join(device_ids) if device_ids else 'none found'}; pool {pool}: {slots} slot"
              f"{'' if slots == 1 else 's'} ({description})"]
     for dag_id, models in flows:
@@ -113,7 +129,7 @@ def summary(pool: str, device_ids: Sequence[str], fallback: str,
         if not gpu_models:
             continue
         shown = ", ".join(f"{name} ({count} GPU{'' if count == 1 else 's'})" for name, count in gpu_models)
-        problem = shortfall(pool, slots, gpu_models, fallback)
+        problem = shortfall(pool, slots, gpu_models, fallback, depth)
         if problem:
             state = problem
         elif any(runs_on_cpu(count, device_ids, fallback) for _, count in gpu_models):
@@ -218,7 +234,7 @@ class GpuLease:
     """Holds locks on ``count`` device ids out of ``device_ids``; use as a context manager."""
 
     def __init__(self, device_ids: Sequence[str], count: int, lock_dir: Path, timeout: float | None = None,
-                 poll: float = 0.25, on_wait: Callable[[str], None] | None = None) -> None:
+                 poll: float = 0.05, on_wait: Callable[[str], None] | None = None) -> None:
         check_enough(count, device_ids)
         self.device_ids = list(device_ids)
         self.count = count

@@ -312,3 +312,47 @@ def test_start_up_summary_lists_flows_with_gpu_models_and_what_they_will_do() ->
         "  flow ensemble: fold_0 (1 GPU): ok",
         "  flow big: x (3 GPUs): " + gpu.shortfall("raddeploy_gpu", 2, [("x", 3)]),
     ]
+
+
+# -- queue depth -------------------------------------------------------------------------------
+
+def test_the_pool_holds_depth_slots_per_gpu_and_never_deepens_the_cpu_fallback() -> None:
+    assert gpu.pool_size(["0", "1"], "none", depth=2) == (
+        4, "GPUs of this host (0, 1); 2 slots each: one model runs, the next has started and waits for the GPU's lease")
+    assert gpu.pool_size(["0", "1"], "cpu", depth=2)[0] == 4  # GPUs there: they are used, leased
+    assert gpu.pool_size([], "cpu", depth=2)[0] == gpu.FALLBACK_SLOTS  # CPU runs, no lease to wait on
+    assert gpu.pool_size([], "none", depth=2)[0] == 0
+
+
+def test_shortfall_counts_gpus_not_slots_at_a_deeper_queue() -> None:
+    assert gpu.shortfall("raddeploy_gpu", 4, [("seg", 2)], depth=2) is None  # 2 GPUs hold it
+    # Within the pool's 4 slots but more than its 2 GPUs: the task would start and fail at its lease.
+    assert gpu.shortfall("raddeploy_gpu", 4, [("huge", 3)], depth=2) == (
+        "too few GPUs (the model task fails): pool raddeploy_gpu has 4 slots, 2 per GPU: 2 GPUs; 'huge' needs 3; "
+        "set RADDEPLOY_GPUS (the host's GPU ids) or RADDEPLOY_GPU_FALLBACK=cpu to run GPU models on the CPU")
+    assert gpu.shortfall("raddeploy_gpu", 4, [("huge", 5)], depth=2).startswith(
+        "waiting for a GPU: pool raddeploy_gpu has 4 slots, 2 per GPU: 2 GPUs; 'huge' needs 5;")  # never scheduled
+    # The CPU fallback's slots are GPUs' worth already.
+    assert gpu.shortfall("raddeploy_gpu", 2, [("x", 2)], "cpu", depth=2) is None
+    assert gpu.summary("raddeploy_gpu", ["0", "1"], "none", [("big", [("x", 3)])], depth=2)[1] == (
+        "  flow big: x (3 GPUs): " + gpu.shortfall("raddeploy_gpu", 4, [("x", 3)], depth=2))
+
+
+def test_a_task_started_ahead_takes_the_lease_the_moment_the_gpu_frees(tmp_path) -> None:
+    """Queue depth 2: the next task waits started; the GPU passes to it within a lease poll (50 ms),
+    not after a task start."""
+    import threading
+    locks = tmp_path / "locks"
+    first = gpu.GpuLease(["0"], 1, locks)
+    assert first.acquire() == ["0"]
+    got: list[float] = []
+    second = gpu.GpuLease(["0"], 1, locks, timeout=10)
+    waiter = threading.Thread(target=lambda: (second.acquire(), got.append(time.monotonic())))
+    waiter.start()
+    time.sleep(0.3)
+    assert got == []  # still held by the first
+    freed = time.monotonic()
+    first.release()
+    waiter.join(5)
+    assert got and got[0] - freed < 0.5 and second.ids == ["0"]
+    second.release()

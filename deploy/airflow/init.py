@@ -117,9 +117,10 @@ def main() -> None:
     existing = {name for name in ("admin", "listener") if name in listed}
     ensure_account("admin", env["RADDEPLOY_ADMIN_PASSWORD"], "Admin", existing)
     ensure_account("listener", env["RADDEPLOY_LISTENER_PASSWORD"], "User", existing)
-    slots = env.get("RADDEPLOY_GPU_SLOTS", "1")
+    depth = int(env.get("RADDEPLOY_GPU_QUEUE_DEPTH") or "1")
+    slots = str(int(env.get("RADDEPLOY_GPU_SLOTS", "1")) * depth)
     airflow("pools", "set", env.get("RADDEPLOY_GPU_POOL", "raddeploy_gpu"), slots,
-            "GPU slots: one per GPU of every GPU host (RADDEPLOY_GPU_SLOTS)")
+            f"GPU slots: {depth} per GPU of every GPU host (RADDEPLOY_GPU_SLOTS x RADDEPLOY_GPU_QUEUE_DEPTH)")
     say(f"GPU pool: {slots} slot(s); done")
 
 

@@ -76,7 +76,8 @@ def gpu_shortfall(flow: Flow) -> str | None:
         return None
     settings = load_settings()
     slots = pool_slots(settings.gpu_pool)
-    return None if slots is None else gpu.shortfall(settings.gpu_pool, slots, models, settings.gpu_fallback)
+    return None if slots is None else gpu.shortfall(settings.gpu_pool, slots, models, settings.gpu_fallback,
+                                                     settings.gpu_queue_depth)
 
 
 def sender(instances: list[StoredInstance]) -> dict[str, Any]:

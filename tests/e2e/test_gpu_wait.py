@@ -1,8 +1,8 @@
 """A GPU model its host cannot run, without the CPU fallback: the run says why it waits.
 
-The session stack has two (pretend) GPUs and no RADDEPLOY_GPU_FALLBACK; a model asking for three
-can never be scheduled from a pool of two slots, exactly as a `gpu: true` model on a host without
-GPUs (a pool of none). Airflow leaves such a task in `scheduled` and says nothing; the sensor says
+The session stack has two (pretend) GPUs, two pool slots each (RADDEPLOY_GPU_QUEUE_DEPTH's default)
+and no RADDEPLOY_GPU_FALLBACK; a model asking for five can never be scheduled from a pool of four
+slots, exactly as a `gpu: true` model on a host without GPUs (a pool of none). Airflow leaves such a task in `scheduled` and says nothing; the sensor says
 it in the run note and in its own task log.
 """
 
@@ -27,11 +27,12 @@ models:
   - name: huge
     image: raddeploy/busybox:latest
     command: ["sh", "-c", "cp /input/* /output/"]
-    gpu: 3
+    gpu: 5
     inputs: {{src: /input}}
     outputs: {{dst: /output}}
 """
-WHY = ("waiting for a GPU: pool raddeploy_gpu has 2 slots; 'huge' needs 3; set RADDEPLOY_GPUS (the host's GPU ids) "
+WHY = ("waiting for a GPU: pool raddeploy_gpu has 4 slots, 2 per GPU: 2 GPUs; 'huge' needs 5; set RADDEPLOY_GPUS "
+       "(the host's GPU ids) "
        "or RADDEPLOY_GPU_FALLBACK=cpu to run GPU models on the CPU")
 
 
