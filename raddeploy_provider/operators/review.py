@@ -78,19 +78,25 @@ class ReviewOperator(ApprovalOperator):
         return super().execute_complete(context, event)
 
     def _lost_answer(self, context: Context, run: RunDir) -> dict[str, Any] | None:
-        """The answer to the try before this one, when it was given but never applied: Airflow 3.3
-        can lose the resume of a task answered within moments of parking (the executor's late exit
-        report for the same try marks the resumed task failed), and the retry must not ask the
-        reviewer again. A decision that was applied (in the manifest) is never reused: clearing the
-        review task after a decision asks again."""
-        try_number = context["ti"].try_number
-        if try_number <= 1 or self.task_id in manifest.assemble(run)["tasks"]:
+        """An answer a reviewer gave that was never applied, so that the reviewer is not asked again
+        (and the run does not wait out its review_timeout): Airflow 3.3 can lose the resume of a
+        task answered within moments of parking. Seen two ways: the executor's late exit report for
+        the parked try marks the resumed task failed (the retry finds the answer on the try before),
+        or the task runs ``execute`` again instead of ``execute_complete`` (the answer is on this
+        try, and asking again would overwrite it). A decision that was applied (in the manifest) is
+        never reused: clearing the review task after a decision asks again."""
+        if self.task_id in manifest.assemble(run)["tasks"]:
             return None
-        answer = hitl_answer(self.flow.dag_id, context["run_id"], self.task_id, try_number - 1)
-        if answer is not None:
-            self.log.warning("try %d was answered but not applied (Airflow lost its resume): applying that answer",
-                             try_number - 1)
-        return answer
+        try_number = context["ti"].try_number
+        for earlier in (try_number, try_number - 1):
+            if earlier < 1:
+                continue
+            answer = hitl_answer(self.flow.dag_id, context["run_id"], self.task_id, earlier)
+            if answer is not None:
+                self.log.warning("try %d was answered but not applied (Airflow lost its resume): applying that "
+                                 "answer", earlier)
+                return answer
+        return None
 
     def _previews(self, context: Context, run: RunDir, results: list[Path]) -> list[tuple[str, str]]:
         """Pictures of the first RT result on its images, as (title, URL) for the body; none when

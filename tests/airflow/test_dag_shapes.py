@@ -363,9 +363,10 @@ def test_review_stands_between_every_sending_model_and_every_send_task(tmp_path:
 
 def test_a_retry_of_the_review_applies_an_answer_airflow_lost_but_never_reuses_an_applied_one(
         tmp_path: Path, monkeypatch) -> None:
-    """Airflow 3.3 can mark an approval task failed when a person answers within moments of its
-    parking (a late executor report of the same try); its retry applies that answer instead of
-    asking again. The lost resume is a fault of Airflow's we cannot cause on demand: the answer's
+    """Airflow 3.3 can lose the resume of an approval task a person answered within moments of its
+    parking: a late executor report of the same try marks it failed (its retry applies the answer
+    of the try before), or execute runs again on the same try (the answer on this try is applied,
+    not overwritten by asking again). The lost resume is a fault of Airflow's we cannot cause on demand: the answer's
     REST read is replaced here (tests/e2e/test_review_gate.py reads a real one)."""
     from raddeploy_provider.store import manifest
 
@@ -378,15 +379,17 @@ def test_a_retry_of_the_review_applies_an_answer_airflow_lost_but_never_reuses_a
     """)
     op = dag.get_task("review")
     assert op.retries == 1
-    asked = []
+    asked, answered = [], {}
     answer = {"chosen_options": ["Reject"], "params_input": {"reason": "r"}, "responded_by_user": {"name": "dr_a"}}
     monkeypatch.setattr("raddeploy_provider.operators.review.hitl_answer",
-                        lambda dag_id, run_id, task_id, try_number: asked.append(try_number) or answer)
+                        lambda dag_id, run_id, task_id, try_number: asked.append(try_number) or answered.get(try_number))
     monkeypatch.setenv("RADDEPLOY_DATA", str(tmp_path / "data"))
     run = load_settings().data.run(dag.dag_id, "r1")
     context = {"ti": SimpleNamespace(try_number=1), "run_id": "r1"}
-    assert op._lost_answer(context, run) is None and asked == []  # a first try asks the reviewer
-    context["ti"].try_number = 2
-    assert op._lost_answer(context, run) is answer and asked == [1]
+    assert op._lost_answer(context, run) is None and asked == [1]  # a first try, unanswered: asks the reviewer
+    answered[1] = answer  # answered, then Airflow ran execute again on the same try: applied, not asked again
+    assert op._lost_answer(context, run) is answer and asked == [1, 1]
+    context["ti"].try_number, asked[:] = 2, []  # ... or the answered try was failed and retried
+    assert op._lost_answer(context, run) is answer and asked == [2, 1]
     manifest.record(run, "review", {"decision": "rejected", "by": "dr_a", "reason": "r"})
-    assert op._lost_answer(context, run) is None and asked == [1]  # applied once: a cleared review asks again
+    assert op._lost_answer(context, run) is None and asked == [2, 1]  # applied once: a cleared review asks again
