@@ -510,10 +510,14 @@ def airflow_process_started() -> None:
     Airflow's ``serve_logs`` (the worker log server the scheduler starts, [logging]
     worker_log_server_port, 8793; the triggerer's, trigger_log_server_port, 8794) passes
     ``host=""`` to uvicorn, which binds every interface, and no setting changes it. In the
-    scheduler and the triggerer, the two processes that start one, uvicorn is told 127.0.0.1
-    instead: the api-server on this host reads the logs from there.
+    scheduler and the triggerer, the two processes that start one (the scheduler's from its
+    forkserver), uvicorn is told 127.0.0.1 instead: the api-server on this host reads the logs
+    from there.
     """
-    if sys.argv[1:2] not in (["scheduler"], ["triggerer"]):
+    # The scheduler's log server runs in a child of its forkserver (TASK_PRELOAD: [scheduler]
+    # mp_start_method), a fresh interpreter whose argv is Python's, not Airflow's.
+    forkserver = "multiprocessing.forkserver" in " ".join(getattr(sys, "orig_argv", ()))
+    if sys.argv[1:2] not in (["scheduler"], ["triggerer"]) and not forkserver:
         return  # no log server here (and no uvicorn import for every task and CLI call)
     import uvicorn
 

@@ -391,7 +391,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("GPU_QUEUE_DEPTH", "gpu_queue_depth", "2", _at_least_one,
             "GPU pool slots per GPU. 2: while a model runs, the next GPU task has already started (its "
             "process, DAG parse, set-up) and waits for the GPU's lease, which it takes the moment the GPU "
-            "frees (measured in README, \"GPU slots\"). 1: a GPU task starts only when a GPU is free; for "
+            "frees (measured: README, \"Measured (2 cores, loopback, Nov 2026)\", the GPU slots). 1: a GPU task starts only when a GPU is free; for "
             "several GPU hosts behind one pool (compose), where a started task could wait on a busy host "
             "while another host's GPU is idle. The CPU fallback's slots are never deeper.", GPUS),
     # -- Models
