@@ -18,9 +18,7 @@ from raddeploy_provider.store import StudyStore
 from raddeploy_provider.triggers.study_ready import BACKSTOP, SHORT_WAIT, StudyReadyTrigger
 from raddeploy_provider.utils.intake import InputRefused, take_input
 from raddeploy_provider.utils.run_note import set_run_note
-from raddeploy_provider.utils.runs import run_dir, study_uid
-
-TRIGGER = "raddeploy_provider.triggers.study_ready.StudyReadyTrigger"
+from raddeploy_provider.utils.runs import study_uid
 
 
 class FingerprintSensor(BaseSensorOperator):
@@ -60,7 +58,7 @@ class FingerprintSensor(BaseSensorOperator):
         self.run_id = "{{ run_id }}"
         self.study_uid = "{{ (dag_run.conf or {}).get('study_uid') or '' }}"
         self.start_trigger_args = StartTriggerArgs(
-            trigger_cls=TRIGGER,
+            trigger_cls=StudyReadyTrigger.CLASSPATH,
             trigger_kwargs={"flow_file": str(flow.source), "dag_id": flow.dag_id, "run_id": self.run_id,
                             "study_uid": self.study_uid, "data_dir": "", "deadline": 0,
                             "poll_interval": poll_interval,

@@ -86,8 +86,11 @@ class StudyReadyTrigger(BaseTrigger):
         self.poll_interval = poll_interval
         self.take_input = take_input
 
+    #: Where the triggerer finds it (serialize, and the sensor's start on the triggerer).
+    CLASSPATH = "raddeploy_provider.triggers.study_ready.StudyReadyTrigger"
+
     def serialize(self) -> tuple[str, dict[str, Any]]:
-        return ("raddeploy_provider.triggers.study_ready.StudyReadyTrigger", {
+        return (self.CLASSPATH, {
             "flow_file": self.flow_file, "dag_id": self.dag_id, "run_id": self.run_id,
             "study_uid": self.study_uid, "data_dir": self.data_dir, "deadline": self.deadline,
             "poll_interval": self.poll_interval, "take_input": self.take_input,
