@@ -100,25 +100,38 @@ def when(text: str) -> float:
 def docker_round(sleep: float, rounds: int = 3) -> float:
     """The raw limit's unit, measured before the stack starts: the median seconds for two containers
     of the benchmark's model run side by side (one per GPU slot), with the model tasks' safe defaults
-    (no network, memory and pids limits, no capabilities), from create to removed."""
+    (no network, memory and pids limits, no capabilities) and, as theirs, each in its GPU's network-less
+    namespace (RADDEPLOY_MODEL_NETNS_IMAGE), from create to removed."""
     import docker
     from concurrent.futures import ThreadPoolExecutor
 
     from raddeploy_provider.config import load_settings
 
+    from raddeploy_provider.gpu import netns_holder
+
     client, limits = docker.from_env(), load_settings()
     command = ["sh", "-c", f"echo 0 > /dev/null; sleep {sleep:g}"]
+    scope = Path(tempfile.mkdtemp(prefix="raddeploy-bench-round-"))
+    # As the model tasks run it: each slot's container in its GPU's network-less namespace.
+    networks = [f"container:{netns_holder(client.api, limits.model_netns_image, scope, str(i))}"
+                if limits.model_netns_image else "none" for i in range(2)]
 
-    def one() -> None:
-        client.containers.run("raddeploy/busybox:latest", command, network_mode="none", remove=True,
+    def one(slot: int) -> None:
+        client.containers.run("raddeploy/busybox:latest", command, network_mode=networks[slot], remove=True,
                               mem_limit=limits.model_mem_limit, pids_limit=limits.model_pids_limit,
                               cap_drop=["ALL"], security_opt=["no-new-privileges"])
     times = []
-    with ThreadPoolExecutor(2) as pool:
-        for _ in range(rounds):
-            t0 = time.monotonic()
-            list(pool.map(lambda _: one(), range(2)))
-            times.append(time.monotonic() - t0)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            for _ in range(rounds):
+                t0 = time.monotonic()
+                list(pool.map(one, range(2)))
+                times.append(time.monotonic() - t0)
+    finally:
+        for network in networks:
+            if network != "none":
+                client.api.remove_container(network.split(":", 1)[1], force=True)
+        shutil.rmtree(scope, ignore_errors=True)
     return statistics.median(times)
 
 
@@ -130,6 +143,8 @@ def main() -> None:
     parser.add_argument("--cpu-flow", action="store_true", help="a second flow, with a CPU model, on every study")
     parser.add_argument("--burst", action="store_true", help="50 studies of 20 slices, GPU and CPU flows")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (the stack's logs) to look into")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="a setting for the stack, to compare one against the defaults (repeatable)")
     args = parser.parse_args()
     if args.burst:
         args.studies, args.slices, args.cpu_flow = 50, 20, True
@@ -144,7 +159,8 @@ def main() -> None:
     stack = EmbeddedStack(home=work / "home", flows_dir=flows, api_port=free_port(), dicom_port=free_port(),
                           listen_host="127.0.0.1",
                           extra_env={"RADDEPLOY_GPUS": "0,1", "RADDEPLOY_GPU_MODE": "env",
-                                     "RADDEPLOY_GPU_LOCK_DIR": str(work / "locks")})
+                                     "RADDEPLOY_GPU_LOCK_DIR": str(work / "locks"),
+                                     **dict(pair.split("=", 1) for pair in args.env)})
     studies = [make_series(work / f"s{i}", slices=args.slices if i else 1, size=64 if args.slices > 1 else 16)
                for i in range(args.studies + 1)]
     round_s = docker_round(args.sleep)  # on the quiet machine, before the stack starts
@@ -173,9 +189,10 @@ def main() -> None:
             time.sleep(0.5)
         time.sleep(2)  # let the warm-up's task processes be reaped before counting CPU
         cpu0 = cpu_seconds_by_component()
-        t0 = time.monotonic()
+        t0, t0_wall = time.monotonic(), time.time()
         for s in studies[1:]:
             assert storescu(stack.dicom_port, s.files).returncode == 0
+        pushed = time.monotonic() - t0
         uids = [s.study_uid for s in studies[1:]]
         while succeeded(uids) < len(uids) * len(dag_ids):
             if time.monotonic() - t0 > 900:
@@ -185,13 +202,14 @@ def main() -> None:
         time.sleep(2)
         cpu1 = cpu_seconds_by_component()
         all_runs = {d: runs(d) for d in dag_ids}
-        ready, running, per_gpu, phases = [], [], {}, []
+        ready, running, leases, per_gpu, phases = [], [], [], {}, []
         for uid in uids:
             run_id = f"{uid}.1"
             task = json.loads((stack.data_dir / "runs" / GPU_FLOW / run_id / "manifest.json")
                               .read_text())["tasks"]["model"]
-            start, end = when(task["started"]), when(task["ended"])
+            start, end = when(task["started"]), when(task["released"])  # the GPU lease's span
             running.append((start, end))
+            leases.append((when(task["container"]["started"]) - start, end - when(task["container"]["finished"])))
             per_gpu[task["gpus"][0]] = per_gpu.get(task["gpus"][0], 0) + 1
             status, body = client.get(f"/api/v2/dags/{GPU_FLOW}/dagRuns/{run_id}/taskInstances")
             tis = {t["task_id"]: t for t in body["task_instances"]}
@@ -221,8 +239,14 @@ def main() -> None:
     raw = -(-args.studies // 2) * round_s
     print(f"raw limit, Docker alone: {raw:.1f} s ({-(-args.studies // 2)} rounds of 2 containers side by side, "
           f"{round_s:.2f} s a round for a {args.sleep:g} s model); wall time is {raw / wall:.2f}x of it")
+    first = min(s for s, _ in running) - t0_wall
+    print(f"pushes (storescu, one after another): {pushed:.1f} s; first push -> first GPU lease {first:.1f} s; "
+          f"last GPU lease given back -> last run succeeded {t0_wall + wall - max(e for _, e in running):.1f} s")
     print(f"GPU tasks: first start -> last end {span:.1f} s; both GPUs busy {share * 100:.0f}% of it; "
           f"while GPU work waited ({waiting:.1f} s): {share_waiting * 100:.0f}%")
+    print("GPU lease, median (max) s: lease taken -> container running "
+          f"{statistics.median(a for a, _ in leases):.2f} ({max(a for a, _ in leases):.2f}); container exited -> "
+          f"lease given back {statistics.median(b for _, b in leases):.2f} ({max(b for _, b in leases):.2f})")
     print(f"longest time a ready GPU task waited with a GPU slot free: {worst:.1f} s")
     print(f"CPU outside the models: {sum(cpu.values()):.0f} s for {n_runs} runs = "
           f"{sum(cpu.values()) / n_runs:.2f} s per run ("

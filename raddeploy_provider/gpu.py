@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import os
 import re
 import shutil
@@ -322,6 +323,49 @@ def container_gpus(ids: Sequence[str], mode: str, lock_dir: Path) -> ContainerGp
     if mode == "env":  # the host's default runtime is NVIDIA's: it reads the variable
         return ContainerGpus(labels, environment={"NVIDIA_VISIBLE_DEVICES": joined})
     return ContainerGpus(labels, device_ids=list(ids))
+
+
+#: Label of a GPU's network-namespace holder: the GPU lease folder it serves, then ``/<gpu id>``.
+NETNS_LABEL = "org.raddeploy.netns"
+
+
+def netns_holder(api: Any, image: str, lock_dir: Path, gpu_id: str) -> str:
+    """The name of GPU ``gpu_id``'s network-namespace holder, started if it is not running.
+
+    A model container with ``network_mode: none`` costs Docker its own network sandbox (a netns made
+    and set up through a hook that runs the daemon's binary again, a few tenths of a second of each
+    start here); one that joins a running container's namespace does not. Each GPU of a lease folder
+    has one holder: no network but the loopback, every capability dropped, no new privileges, a
+    read-only root, user nobody, 8 processes, 16 MiB. The caller holds the GPU's lease, so one model at
+    a time is in the namespace (no two share a loopback); models without capabilities leave nothing
+    in it for the next. Docker errors are the caller's to handle.
+    """
+    scope = str(lock_dir)
+    name = f"raddeploy-netns-{hashlib.sha256(scope.encode()).hexdigest()[:10]}-{gpu_id}"
+    try:
+        if api.inspect_container(name)["State"]["Running"]:
+            return name
+        api.remove_container(name, force=True)  # stopped (a host restart, someone's `docker stop`)
+    except Exception as exc:  # the Docker SDK's NotFound (no import of it in the core)
+        if getattr(exc, "status_code", None) != 404:
+            raise
+    host_config = api.create_host_config(network_mode="none", cap_drop=["ALL"], security_opt=["no-new-privileges"],
+                                         read_only=True, pids_limit=8, mem_limit=16 * 2**20)
+    created = api.create_container(image, ["sleep", "2147483647"], name=name, user="65534:65534",
+                                   labels={NETNS_LABEL: f"{scope}/{gpu_id}"}, host_config=host_config)
+    api.start(created["Id"])
+    return name
+
+
+def remove_netns_holders(api: Any, lock_dir: Path) -> int:
+    """Remove the network-namespace holders of ``lock_dir``'s GPUs (a stack stopping); how many went.
+    Each is started again by the next model on its GPU."""
+    gone = 0
+    for holder in api.containers(all=True, filters={"label": NETNS_LABEL}):
+        if holder["Labels"].get(NETNS_LABEL, "").rpartition("/")[0] == str(lock_dir):
+            api.remove_container(holder["Id"], force=True)
+            gone += 1
+    return gone
 
 
 def scope_filter(lock_dir: Path) -> dict[str, str]:

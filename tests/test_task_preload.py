@@ -25,3 +25,40 @@ def test_the_stack_asks_airflow_for_a_preloading_forkserver(tmp_path: Path, monk
     env = EmbeddedStack(home=tmp_path, flows_dir=tmp_path / "flows", api_port=1, dicom_port=2).environment()
     assert env["AIRFLOW__SCHEDULER__MP_START_METHOD"] == "forkserver"
     assert env["AIRFLOW__SCHEDULER__MP_FORKSERVER_PRELOAD"].split(",") == list(TASK_PRELOAD)
+
+
+def test_the_dag_processor_imports_the_dag_factory_once_at_its_first_fork() -> None:
+    """Every parse of the flows file runs in a child the DAG processor forks; the DAG factory's
+    imports are done once in the DAG processor, at its first fork (not while `import airflow` runs
+    airflow_local_settings), and each child has them."""
+    code = """
+import os, sys
+sys.argv = ["airflow", "dag-processor"]
+from raddeploy.embedded import DAG_PROCESSOR_PRELOAD, airflow_process_started
+airflow_process_started()
+before = [m for m in DAG_PROCESSOR_PRELOAD if m in sys.modules]
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if all(m in sys.modules for m in DAG_PROCESSOR_PRELOAD) else 3)
+_, status = os.waitpid(pid, 0)
+print(before, os.waitstatus_to_exitcode(status), all(m in sys.modules for m in DAG_PROCESSOR_PRELOAD))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split("\n")[-2] == "[] 0 True", done.stdout
+
+
+def test_other_airflow_processes_do_not_preload_the_dag_factory() -> None:
+    code = """
+import os, sys
+sys.argv = ["airflow", "api-server"]
+from raddeploy.embedded import DAG_PROCESSOR_PRELOAD, airflow_process_started
+airflow_process_started()
+pid = os.fork()
+if pid == 0:
+    os._exit(0)
+os.waitpid(pid, 0)
+print(any(m in sys.modules for m in DAG_PROCESSOR_PRELOAD))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.split("\n")[-2] == "False", (done.stdout, done.stderr[-3000:])

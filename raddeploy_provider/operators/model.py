@@ -161,6 +161,20 @@ class ModelOperator(DockerOperator):
         if given.device_ids:
             self.device_requests = [DeviceRequest(device_ids=given.device_ids, capabilities=[["gpu"]])]
         self._remove_orphans(ids, settings)
+        if self.model.network == "none" and settings.model_netns_image:
+            self.network_mode = self._gpu_netns(ids[0], settings)
+
+    def _gpu_netns(self, gpu_id: str, settings: Settings) -> str:
+        """``container:<holder>`` of the GPU's network-less namespace (started if it is not running),
+        or ``none`` when it cannot be had: an optimisation never fails a model."""
+        try:
+            return f"container:{gpu.netns_holder(self.hook.api_client, settings.model_netns_image, settings.gpu_lock_dir, gpu_id)}"
+        except DockerException as exc:
+            self.log.warning("model %s gets its own network sandbox (a slower start): GPU %s's namespace holder "
+                             "(image %s) could not be started: %s. Build the image on this host (`make images`) or "
+                             "set RADDEPLOY_MODEL_NETNS_IMAGE to an empty value.", self.task_id, gpu_id,
+                             settings.model_netns_image, exc)
+            return "none"
 
     def _remove_orphans(self, ids: list[str], settings: Settings) -> None:
         """Containers still on our GPUs belong to a task that died (we hold the lease): stop them."""
@@ -178,6 +192,7 @@ class ModelOperator(DockerOperator):
         settings = load_settings()
         run = run_dir(context)
         self.mounts = self._prepare_mounts(run, settings)
+        self.network_mode = self.model.network  # a GPU's namespace is chosen under its lease (_use_gpus)
         self._safe_defaults(settings)
         self.environment = {**self.environment, "RADDEPLOY_RUN_ID": context["run_id"], "RADDEPLOY_FLOW": self.flow_id,
                             "RADDEPLOY_FLOW_VERSION": self.flow_version, "CONTAINER_TAG": self.image}
@@ -210,7 +225,10 @@ class ModelOperator(DockerOperator):
                     self.log.info("leased GPU(s) %s", ",".join(ids))
                     record["gpus"] = ids
                     self._use_gpus(ids, settings)
-                self._run(context, record)
+                failed = self._run(context)
+            # The container has exited: its GPUs are free for the next model while this one is inspected and removed.
+            record["released"] = _now()
+            self._finish(failed, record)
         except gpu.UnsafeLockDir as exc:  # no retry: a person must look at the lock folder
             raise AirflowFailException(f"model {self.task_id}: {exc}") from None
         finally:
@@ -252,17 +270,18 @@ class ModelOperator(DockerOperator):
                 self.log.warning("no provenance on %s: %s", path.name, exc)
         self.log.info("provenance (Contributing Equipment) added to %d of %d results", stamped, len(files))
 
-    def _run(self, context: Context, record: dict[str, Any]) -> None:
-        """Run the container; on any end (success, failure, timeout, kill) inspect and remove it."""
+    def _run(self, context: Context) -> DockerContainerFailedException | None:
+        """Run the container to its exit (under the caller's GPU lease). A container that exited
+        non-zero is returned as its failure, to be inspected and removed by :meth:`_finish` once the
+        lease is given back; on any other end (the Docker engine, a timeout, a kill) it is removed here,
+        before the lease is: a container still running never outlives its GPUs' lease."""
         try:
             super().execute(context)
+            return None
         except DockerContainerFailedException as exc:
-            state = self._state()
-            record.update(state)
-            tail = list(exc.logs[-LOG_TAIL_LINES:]) if isinstance(exc.logs, list) else []
-            raise ModelFailed(self.task_id, self.image, state.get("exit_code"), bool(state.get("oom_killed")),
-                              self.mem_limit, tail) from None
+            return exc
         except (APIError, DockerException) as exc:
+            self._remove()
             if "could not select device driver" in str(exc):
                 raise AirflowFailException(
                     f"model {self.task_id} asks for GPUs but Docker here has no GPU driver ({exc}). Install the "
@@ -272,10 +291,21 @@ class ModelOperator(DockerOperator):
                 raise AirflowException(f"model {self.task_id} could not start image {self.image}: {exc}. "
                                        "Is the image on this host (`docker images`) or pullable?") from None
             raise
-        else:
+        except BaseException:
+            self._remove()
+            raise
+
+    def _finish(self, failed: DockerContainerFailedException | None, record: dict[str, Any]) -> None:
+        """The exited container's state into the record (exit code, out of memory, image, Docker's own
+        start and finish times), then the container goes; a non-zero exit is raised as :class:`ModelFailed`."""
+        try:
             record.update(self._state())
         finally:
             self._remove()
+        if failed is not None:
+            tail = list(failed.logs[-LOG_TAIL_LINES:]) if isinstance(failed.logs, list) else []
+            raise ModelFailed(self.task_id, self.image, record.get("exit_code"), bool(record.get("oom_killed")),
+                              self.mem_limit, tail) from None
 
     def _state(self) -> dict[str, Any]:
         if self.container is None:
@@ -289,7 +319,8 @@ class ModelOperator(DockerOperator):
         except APIError:
             pass
         return {"exit_code": state.get("ExitCode"), "oom_killed": bool(state.get("OOMKilled")),
-                "image_id": image_id, "image_digests": digests}
+                "image_id": image_id, "image_digests": digests,
+                "container": {"started": state.get("StartedAt"), "finished": state.get("FinishedAt")}}
 
     def _remove(self) -> None:
         if self.container is None:

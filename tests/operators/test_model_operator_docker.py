@@ -16,6 +16,7 @@ import shutil
 import threading
 import time
 import uuid
+from datetime import datetime
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,6 +34,7 @@ from raddeploy_provider.config import load_settings
 from raddeploy_provider.flows.model import ModelSpec
 from raddeploy_provider.exceptions import ModelFailed
 from raddeploy_provider.gpu import GPU_LABEL, GPU_SCOPE_LABEL, GpuLease
+from raddeploy_provider.gpu import NETNS_LABEL, remove_netns_holders
 from raddeploy_provider.operators.model import RUN_LABEL, ModelOperator
 
 pytestmark = pytest.mark.integration
@@ -82,6 +84,7 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, api: docker.APIClient) 
     ns = SimpleNamespace(run=run, run_id=run_id, static=static, locks=locks, api=api,
                          context={"dag": SimpleNamespace(dag_id=FLOW), "run_id": run_id})
     yield ns
+    remove_netns_holders(api, locks)  # the GPU namespace holders of this test
     left = _ours(api, run_id)
     for container in left:
         api.remove_container(container["Id"], force=True)
@@ -131,6 +134,75 @@ def test_no_network_by_default_only_loopback(env: SimpleNamespace) -> None:
 def test_bridge_network_when_the_flow_asks(env: SimpleNamespace) -> None:
     model_op(command=sh("ls /sys/class/net > /output/net"), network="bridge").execute(env.context)
     assert "eth0" in (env.run / "dst" / "net").read_text().split()
+
+
+def _holders(env: SimpleNamespace) -> dict[str, dict[str, Any]]:
+    """This test's GPU namespace holders: GPU id -> docker inspect."""
+    found = {}
+    for holder in env.api.containers(all=True, filters={"label": NETNS_LABEL}):
+        scope, _, gpu_id = holder["Labels"][NETNS_LABEL].rpartition("/")
+        if scope == str(env.locks):
+            found[gpu_id] = env.api.inspect_container(holder["Id"])
+    return found
+
+
+def test_a_gpu_model_without_network_joins_its_gpus_network_less_namespace(env: SimpleNamespace,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RADDEPLOY_GPUS", "0,1")
+    monkeypatch.setenv("RADDEPLOY_GPU_MODE", "env")
+    net = "ls /sys/class/net > /output/net; cat /sys/class/net/lo/ifindex >> /output/net"
+    thread, seen = watch(env.api, f"{FLOW}/{env.run_id}/first")
+    model_op("first", command=sh(net + "; sleep 1"), gpu=1).execute(env.context)
+    thread.join()
+    holders = _holders(env)
+    assert list(holders) == ["0"]
+    holder = holders["0"]
+    assert seen["HostConfig"]["NetworkMode"] == f"container:{holder['Id']}"
+    assert (env.run / "dst" / "net").read_text().split()[0] == "lo"  # the loopback alone
+    assert len((env.run / "dst" / "net").read_text().split()) == 2
+    assert holder["State"]["Running"] and holder["HostConfig"]["NetworkMode"] == "none"
+    assert holder["HostConfig"]["CapDrop"] == ["ALL"] and holder["HostConfig"]["ReadonlyRootfs"] is True
+    assert holder["HostConfig"]["SecurityOpt"] == ["no-new-privileges"] and holder["Config"]["User"] == "65534:65534"
+    # The next model on GPU 0 joins the same holder; with both GPUs busy, GPU 1 gets its own.
+    ops = [model_op(name, command=sh(f"sleep 1.5; echo x > /{name}/x"), gpu=1, outputs={name: f"/{name}"})
+           for name in ("a", "b")]
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda op: op.execute(env.context), ops))
+    again = _holders(env)
+    assert sorted(again) == ["0", "1"] and again["0"]["Id"] == holder["Id"]
+    assert again["0"]["Name"] != again["1"]["Name"]
+
+
+def test_a_stopped_holder_is_replaced_and_a_missing_image_falls_back_to_an_own_sandbox(
+        env: SimpleNamespace, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("RADDEPLOY_GPUS", "0")
+    monkeypatch.setenv("RADDEPLOY_GPU_MODE", "env")
+    model_op("first", command=sh("echo x > /output/x"), gpu=1).execute(env.context)
+    first = _holders(env)["0"]
+    env.api.stop(first["Id"], timeout=0)
+    model_op("second", command=sh("ls /sys/class/net > /output/net"), gpu=1).execute(env.context)
+    second = _holders(env)["0"]
+    assert second["Id"] != first["Id"] and second["State"]["Running"]
+    assert (env.run / "dst" / "net").read_text().split() == ["lo"]
+    assert remove_netns_holders(env.api, env.locks) == 1 and _holders(env) == {}  # as a stack stopping does
+    monkeypatch.setenv("RADDEPLOY_MODEL_NETNS_IMAGE", "raddeploy/does-not-exist:1")
+    thread, seen = watch(env.api, f"{FLOW}/{env.run_id}/third")
+    model_op("third", command=sh("ls /sys/class/net > /output/net; sleep 1"), gpu=1).execute(env.context)
+    thread.join()
+    assert seen["HostConfig"]["NetworkMode"] == "none" and _holders(env) == {}
+    assert (env.run / "dst" / "net").read_text().split() == ["lo"]
+    said = "".join(capsys.readouterr())
+    assert "gets its own network sandbox" in said and "RADDEPLOY_MODEL_NETNS_IMAGE" in said
+
+
+def test_cpu_models_and_bridge_gpu_models_get_their_own_network(env: SimpleNamespace,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RADDEPLOY_GPUS", "0")
+    monkeypatch.setenv("RADDEPLOY_GPU_MODE", "env")
+    model_op("cpu", command=sh("echo x > /output/x")).execute(env.context)
+    model_op("online", command=sh("ls /sys/class/net > /output/net"), gpu=1, network="bridge").execute(env.context)
+    assert "eth0" in (env.run / "dst" / "net").read_text().split()
+    assert _holders(env) == {}
 
 
 def test_safe_defaults_in_docker_inspect(env: SimpleNamespace) -> None:
@@ -397,6 +469,39 @@ def test_timeout_removes_container_and_releases_lease(env: SimpleNamespace, monk
     assert record["gpus"] == ["0"] and "ended" in record
 
 
+def test_the_gpu_is_free_once_the_container_exits(env: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next model may take the GPU while this one's exited container is still being inspected
+    and removed; the record has the lease's span and Docker's own start and finish inside it."""
+    monkeypatch.setenv("RADDEPLOY_GPUS", "0")
+    monkeypatch.setenv("RADDEPLOY_GPU_MODE", "env")
+    taken: list[Any] = []
+
+    class Watching(ModelOperator):
+        def _state(self) -> dict[str, Any]:  # the real inspect, after a try at the GPU's lease
+            lease = GpuLease(["0"], 1, env.locks, timeout=0)
+            try:
+                taken.append(lease.acquire())
+                lease.release()
+            except Exception as exc:  # noqa: BLE001 - what it was is the assertion
+                taken.append(exc)
+            return super()._state()
+
+    Watching(task_id="quick", model=ModelSpec(name="quick", image=BUSYBOX, command=sh("echo 1 > /output/x; sleep 1"),
+                                              inputs={"src": "/input"}, outputs={"dst": "/output"}, gpu=1),
+             flow_id=FLOW).execute(env.context)
+    assert taken == [["0"]]
+    record = task_manifest(env, "quick")
+
+    def at(text: str) -> float:  # Docker's RFC 3339 with nanoseconds, ours with milliseconds
+        head, _, frac = text.rstrip("Z").partition(".")
+        return datetime.fromisoformat(head + "+00:00").timestamp() + float("0." + (frac.split("+")[0] or "0"))
+
+    started, finished = at(record["container"]["started"]), at(record["container"]["finished"])
+    assert at(record["started"]) <= started < finished <= at(record["released"]) <= at(record["ended"])
+    assert finished - started >= 1.0
+    assert _ours(env.api, env.run_id) == []
+
+
 # -- GPUs, without a GPU ---------------------------------------------------------------------
 
 def _uptime_script() -> str:
@@ -467,8 +572,13 @@ def test_device_request_mode_container_shape(env: SimpleNamespace, monkeypatch: 
     class NotStarted(Exception):
         pass
 
+    start = docker.APIClient.start
+
     def start_instead(self: docker.APIClient, container: Any, *args: Any, **kwargs: Any) -> None:
-        created.update(self.inspect_container(container))
+        seen = self.inspect_container(container)
+        if RUN_LABEL not in seen["Config"]["Labels"]:  # the GPU's namespace holder starts
+            return start(self, container, *args, **kwargs)
+        created.update(seen)
         raise NotStarted()
 
     monkeypatch.setattr(docker.APIClient, "start", start_instead)
