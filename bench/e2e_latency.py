@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--studies", type=int, default=5)
     parser.add_argument("--slices", type=int, default=50)
     parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="a setting for the stack, to compare one against the defaults (repeatable)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="raddeploy-bench-"))
@@ -53,7 +55,7 @@ def main() -> None:
     flows.mkdir()
     (flows / "bench.yaml").write_text(FLOW.replace("PORT", str(dest.port)))
     stack = EmbeddedStack(home=work / "home", flows_dir=flows, api_port=free_port(), dicom_port=free_port(),
-                          listen_host="127.0.0.1")
+                          listen_host="127.0.0.1", extra_env=dict(pair.split("=", 1) for pair in args.env))
     stack.start()
     totals, pushes, direct, to_model = [], [], [], []
     try:

@@ -14,17 +14,9 @@ BASE_IMAGE=${RADDEPLOY_BASE_IMAGE:-raddeploy/base:bookworm}
 debootstrap_image "$BASE_IMAGE" base-bookworm \
   python3,python3-pydicom,python3-numpy,python3-pip,python3-packaging,python3-typing-extensions
 
-# A busybox-only image for plumbing tests (a shell and coreutils, 1 MB).
-if ! docker image inspect raddeploy/busybox:latest >/dev/null 2>&1; then
-  root=$(mktemp -d)
-  mkdir -p "$root/bin"
-  cp /bin/busybox "$root/bin/busybox"
-  for applet in $("$root/bin/busybox" --list); do
-    [ "$applet" = busybox ] || ln -s busybox "$root/bin/$applet"
-  done
-  tar -C "$root" -c . | docker import - raddeploy/busybox:latest >/dev/null
-  rm -rf "$root"
-fi
+# A busybox-only image (a shell and coreutils, 1 MB): plumbing tests, and the GPUs' network-namespace
+# holders (RADDEPLOY_MODEL_NETNS_IMAGE).
+busybox_image
 
 # A model image with a requirements.txt (images/body-contour: scipy, highdicom) installs those
 # wheels offline: they are downloaded on this host into its wheels/ folder first (once; again

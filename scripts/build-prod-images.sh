@@ -8,7 +8,8 @@
 #   2. a wheel house ($CACHE/wheelhouse): this project and every pinned dependency
 #      (constraints.txt), as wheels made on this host;
 #   3. raddeploy/airflow (deploy/airflow/Dockerfile, pip --no-index from the wheel house),
-#      raddeploy/postgres and raddeploy/redis, each FROM the base (BASE_IMAGE build argument).
+#      raddeploy/postgres and raddeploy/redis, each FROM the base (BASE_IMAGE build argument);
+#   4. raddeploy/busybox (the host's static busybox): the GPUs' network-namespace holders.
 #
 # --offline: make nothing from the network; the base tarball and the wheel house must be there
 # already (copied in from a connected machine: docs/install-airgapped.md). --bundle FILE: also
@@ -75,6 +76,14 @@ for name in postgres redis; do
   build_if_changed "raddeploy/$name:latest" "$(inputs_digest "$BASE" "deploy/$name")" "deploy/$name" \
     --build-arg BASE_IMAGE="$BASE"
 done
+
+# raddeploy/busybox: the GPUs' network-namespace holders (RADDEPLOY_MODEL_NETNS_IMAGE) where models run.
+if [ -x /bin/busybox ]; then
+  busybox_image
+else
+  echo "images: WARNING: no /bin/busybox (Debian's busybox-static): raddeploy/busybox not built; each model" \
+       "container then gets its own network sandbox (a slower start)" >&2
+fi
 
 if [ -n "$bundle" ]; then
   tar -C "$CACHE" -cf "$bundle" base-services-bookworm.tar "$(basename "$WHEELS")"

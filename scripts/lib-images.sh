@@ -89,3 +89,19 @@ download_wheels() {
   echo "$want" >"$dest.new/.requirements"
   rm -rf "$dest" && mv "$dest.new" "$dest"
 }
+
+# raddeploy/busybox: Debian's static busybox and its applets, nothing else (1 MB), unless it is here.
+# The GPUs' network-namespace holders run it (`sleep`; RADDEPLOY_MODEL_NETNS_IMAGE) on every host with
+# model containers; the tests' plumbing models too.
+busybox_image() {
+  docker image inspect raddeploy/busybox:latest >/dev/null 2>&1 && return 0
+  local root
+  root=$(mktemp -d)
+  mkdir -p "$root/bin"
+  cp /bin/busybox "$root/bin/busybox"
+  for applet in $("$root/bin/busybox" --list); do
+    [ "$applet" = busybox ] || ln -s busybox "$root/bin/$applet"
+  done
+  tar -C "$root" -c . | docker import - raddeploy/busybox:latest >/dev/null
+  rm -rf "$root"
+}
