@@ -396,8 +396,11 @@ class EmbeddedStack:
             import docker
 
             lock_dir = load_settings(self.environment()).gpu_lock_dir
-            with docker.from_env(timeout=10) as client:
+            client = docker.from_env(timeout=10)
+            try:
                 remove_netns_holders(client.api, lock_dir)
+            finally:
+                client.close()
         except Exception as exc:  # noqa: BLE001 - no Docker here, or it is down: nothing to leave behind
             log.debug("GPU namespace holders not removed: %s", exc)
 

@@ -34,7 +34,7 @@ from raddeploy_provider.config import load_settings
 from raddeploy_provider.flows.model import ModelSpec
 from raddeploy_provider.exceptions import ModelFailed
 from raddeploy_provider.gpu import GPU_LABEL, GPU_SCOPE_LABEL, GpuLease
-from raddeploy_provider.gpu import NETNS_LABEL, remove_netns_holders
+from raddeploy_provider.gpu import NETNS_LABEL, netns_holder, remove_netns_holders
 from raddeploy_provider.operators.model import RUN_LABEL, ModelOperator
 
 pytestmark = pytest.mark.integration
@@ -720,3 +720,19 @@ def test_a_model_without_codecs_reads_the_uncompressed_copies_of_compressed_inpu
         meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
         assert meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian and path.stat().st_nlink == 1
     assert all(pydicom.dcmread(stored / s).file_meta.TransferSyntaxUID.is_compressed for s in samples.values())
+
+
+def test_a_stopping_embedded_stack_removes_its_gpus_namespace_holders(api: docker.APIClient, tmp_path: Path) -> None:
+    from raddeploy.embedded import EmbeddedStack
+
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    names = [netns_holder(api, BUSYBOX, lock_dir, gpu_id) for lock_dir in (ours, theirs) for gpu_id in ("0", "1")]
+    stack = EmbeddedStack(home=tmp_path / "home", flows_dir=tmp_path / "flows", api_port=1, dicom_port=2,
+                          extra_env={"RADDEPLOY_GPU_LOCK_DIR": str(ours)})
+    try:
+        stack.stop()  # nothing of it started: the holders of its lease folder go all the same
+        left = {c["Names"][0].lstrip("/") for c in api.containers(all=True, filters={"label": NETNS_LABEL})}
+        assert not left & set(names[:2]) and set(names[2:]) <= left
+    finally:
+        remove_netns_holders(api, ours)
+        remove_netns_holders(api, theirs)
