@@ -14,7 +14,7 @@ from raddeploy_provider.flows.model import Flow
 from raddeploy_provider.notifications import notify_rejection
 from raddeploy_provider.store import RunDir, manifest, read_header
 from raddeploy_provider.utils import audit
-from raddeploy_provider.utils.run_note import hitl_answer, set_run_note
+from raddeploy_provider.utils.run_note import hitl_answer, set_run_note, try_state
 from raddeploy_provider.utils.runs import run_dir
 
 class ReviewOperator(ApprovalOperator):
@@ -68,7 +68,8 @@ class ReviewOperator(ApprovalOperator):
         if "error" not in event:
             made = review.decision(event.get("chosen_options") or [], event.get("responded_by_user"),
                                    event.get("params_input"), self.flow.review.on_timeout)
-            manifest.record(run_dir(context), self.task_id, made.record())  # the task's manifest part
+            manifest.record(run_dir(context), self.task_id,  # the task's manifest part, and which try made it
+                            {**made.record(), "try": context["ti"].try_number})
             audit.record(context, "review", outcome="success" if made.approved else "minor_failure", actor=made.by,
                          decision="approved" if made.approved else "rejected")
             set_run_note(self.flow.dag_id, context["run_id"], made.note())
@@ -84,10 +85,21 @@ class ReviewOperator(ApprovalOperator):
         the parked try marks the resumed task failed (the retry finds the answer on the try before),
         or the task runs ``execute`` again instead of ``execute_complete`` (the answer is on this
         try, and asking again would overwrite it). A decision that was applied (in the manifest) is
-        never reused: clearing the review task after a decision asks again."""
-        if self.task_id in manifest.assemble(run)["tasks"]:
-            return None
+        never reused: clearing the review task after a decision asks again; but a third way is: the
+        try that applied the answer failed to report its end to Airflow ("Failed to report terminal
+        task state"), which then failed and retried it, and its retry applies that answer again."""
         try_number = context["ti"].try_number
+        applied = manifest.assemble(run)["tasks"].get(self.task_id)
+        if applied is not None:
+            before = applied.get("try")
+            if before != try_number - 1 or try_state(self.flow.dag_id, context["run_id"], self.task_id,
+                                                     before) not in ("failed", "up_for_retry"):
+                return None  # decided on a try that ended: a person cleared the review to be asked again
+            answer = hitl_answer(self.flow.dag_id, context["run_id"], self.task_id, before)
+            if answer is not None:
+                self.log.warning("try %d applied its answer but its end was lost (Airflow failed and retried it): "
+                                 "applying that answer again", before)
+            return answer
         for earlier in (try_number, try_number - 1):
             if earlier < 1:
                 continue

@@ -70,6 +70,22 @@ def hitl_answer(dag_id: str, run_id: str, task_id: str, try_number: int) -> dict
             "responded_at": datetime.fromisoformat(detail["responded_at"].replace("Z", "+00:00"))}
 
 
+def try_state(dag_id: str, run_id: str, task_id: str, try_number: int) -> str | None:
+    """The state one try of a task ended in (``success``, ``failed``, ``up_for_retry``, ...); None
+    when it cannot be read."""
+    client = _client()
+    if client is None:
+        return None
+    path = (f"/api/v2/dags/{urllib.parse.quote(dag_id, safe='')}/dagRuns/{urllib.parse.quote(run_id, safe='')}"
+            f"/taskInstances/{urllib.parse.quote(task_id, safe='')}/tries/{try_number}")
+    try:
+        status, found = client.get(path)
+    except AirflowUnavailable as exc:
+        log.info("state of try %d of %s not read: %s", try_number, task_id, exc)
+        return None
+    return found.get("state") if status == 200 and isinstance(found, dict) else None
+
+
 def set_run_note(dag_id: str, run_id: str, note: str) -> bool:
     client = _client()
     if client is None:

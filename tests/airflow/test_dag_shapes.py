@@ -391,5 +391,12 @@ def test_a_retry_of_the_review_applies_an_answer_airflow_lost_but_never_reuses_a
     assert op._lost_answer(context, run) is answer and asked == [1, 1]
     context["ti"].try_number, asked[:] = 2, []  # ... or the answered try was failed and retried
     assert op._lost_answer(context, run) is answer and asked == [2, 1]
-    manifest.record(run, "review", {"decision": "rejected", "by": "dr_a", "reason": "r"})
+    states = {1: "success"}
+    monkeypatch.setattr("raddeploy_provider.operators.review.try_state",
+                        lambda dag_id, run_id, task_id, try_number: states.get(try_number))
+    manifest.record(run, "review", {"decision": "rejected", "by": "dr_a", "reason": "r", "try": 1})
     assert op._lost_answer(context, run) is None and asked == [2, 1]  # applied once: a cleared review asks again
+    states[1], asked[:] = "failed", []  # ... unless the try that applied it lost its end and Airflow retried it
+    assert op._lost_answer(context, run) is answer and asked == [1]
+    context["ti"].try_number, asked[:] = 3, []  # a try later than the retry: a person cleared it, asks again
+    assert op._lost_answer(context, run) is None and asked == []

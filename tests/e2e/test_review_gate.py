@@ -16,7 +16,7 @@ import pytest
 from dicom_factory import make_series
 from peers import storescu, wait_for
 from raddeploy_provider.airflow_client import AirflowClient
-from raddeploy_provider.utils.run_note import hitl_answer
+from raddeploy_provider.utils.run_note import hitl_answer, try_state
 from stack_factory import add_flow, run_finished, run_path, task_instances, task_log
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
@@ -75,8 +75,12 @@ def answer(airflow, dag_id: str, run_id: str, option: str, reason: str = "") -> 
 
 
 def review_record(stack, dag_id: str, run_id: str) -> dict:
+    """The review task's manifest part, less the number of the try that decided (1, or 2 when
+    Airflow lost the first try's end: ReviewOperator._lost_answer)."""
     manifest = json.loads((stack.data_dir / "runs" / dag_id / run_id / "manifest.json").read_text())
-    return manifest["tasks"]["review"]
+    record = dict(manifest["tasks"]["review"])
+    assert record.pop("try") in (1, 2)
+    return record
 
 
 def test_nothing_is_sent_before_approval_and_a_user_not_among_reviewers_is_refused(
@@ -109,10 +113,14 @@ def test_nothing_is_sent_before_approval_and_a_user_not_among_reviewers_is_refus
     for name, value in stack.environment().items():
         if name.startswith("RADDEPLOY_AIRFLOW_"):
             monkeypatch.setenv(name, value)
-    earlier = hitl_answer(REVIEWED, run_id, "review", 1)
+    decided_on = json.loads((stack.data_dir / "runs" / REVIEWED / run_id / "manifest.json").read_text()
+                            )["tasks"]["review"]["try"]  # the try the answer went to (see review_record)
+    earlier = hitl_answer(REVIEWED, run_id, "review", decided_on) or hitl_answer(REVIEWED, run_id, "review", 1)
     assert earlier["chosen_options"] == ["Approve"] and earlier["params_input"] == {"reason": "contours fine"}
     assert earlier["responded_by_user"]["name"] == "admin" and earlier["responded_at"].tzinfo is not None
-    assert hitl_answer(REVIEWED, run_id, "review", 2) is None  # no such try
+    assert hitl_answer(REVIEWED, run_id, "review", decided_on + 1) is None  # no such try
+    assert try_state(REVIEWED, run_id, "review", decided_on) == "success"
+    assert try_state(REVIEWED, run_id, "review", decided_on + 1) is None
 
 
 def test_a_rejected_run_sends_nothing_and_says_who_rejected_and_why(stack, airflow, destination, flows, tmp_path):
