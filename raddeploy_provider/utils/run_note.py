@@ -46,24 +46,30 @@ def pool_slots(pool: str) -> int | None:
     return payload["slots"]
 
 
+def _read_try(dag_id: str, run_id: str, task_id: str, try_number: int, what: str) -> dict | None:
+    """``GET .../taskInstances/<task>/<what>`` of one try (``tries/N`` or ``-1/hitlDetails/tries/N``,
+    N filled in): the payload of a 200, else None (logged when Airflow cannot be reached)."""
+    client = _client()
+    if client is None:
+        return None
+    path = (f"/api/v2/dags/{urllib.parse.quote(dag_id, safe='')}/dagRuns/{urllib.parse.quote(run_id, safe='')}"
+            f"/taskInstances/{urllib.parse.quote(task_id, safe='')}/{what.format(try_number)}")
+    try:
+        status, found = client.get(path)
+    except AirflowUnavailable as exc:
+        log.info("%s not read: %s", path, exc)
+        return None
+    return found if status == 200 and isinstance(found, dict) else None
+
+
 def hitl_answer(dag_id: str, run_id: str, task_id: str, try_number: int) -> dict | None:
     """The answer a person gave to one try of a human-in-the-loop task, as the event its
     ``execute_complete`` takes (chosen options, params input, user, time); None when that try
     was not answered or its detail cannot be read."""
     from datetime import datetime
 
-    client = _client()
-    if client is None:
-        return None
-    path = (f"/api/v2/dags/{urllib.parse.quote(dag_id, safe='')}/dagRuns/{urllib.parse.quote(run_id, safe='')}"
-            f"/taskInstances/{urllib.parse.quote(task_id, safe='')}/-1/hitlDetails/tries/{try_number}")
-    try:
-        status, detail = client.get(path)
-    except AirflowUnavailable as exc:
-        log.info("answer to try %d of %s not read: %s", try_number, task_id, exc)
-        return None
-    if status != 200 or not isinstance(detail, dict) or not detail.get("chosen_options") \
-            or not detail.get("responded_at"):
+    detail = _read_try(dag_id, run_id, task_id, try_number, "-1/hitlDetails/tries/{}")
+    if not detail or not detail.get("chosen_options") or not detail.get("responded_at"):
         return None
     return {"chosen_options": detail["chosen_options"], "params_input": detail.get("params_input") or {},
             "responded_by_user": detail.get("responded_by_user"),
@@ -73,17 +79,8 @@ def hitl_answer(dag_id: str, run_id: str, task_id: str, try_number: int) -> dict
 def try_state(dag_id: str, run_id: str, task_id: str, try_number: int) -> str | None:
     """The state one try of a task ended in (``success``, ``failed``, ``up_for_retry``, ...); None
     when it cannot be read."""
-    client = _client()
-    if client is None:
-        return None
-    path = (f"/api/v2/dags/{urllib.parse.quote(dag_id, safe='')}/dagRuns/{urllib.parse.quote(run_id, safe='')}"
-            f"/taskInstances/{urllib.parse.quote(task_id, safe='')}/tries/{try_number}")
-    try:
-        status, found = client.get(path)
-    except AirflowUnavailable as exc:
-        log.info("state of try %d of %s not read: %s", try_number, task_id, exc)
-        return None
-    return found.get("state") if status == 200 and isinstance(found, dict) else None
+    found = _read_try(dag_id, run_id, task_id, try_number, "tries/{}")
+    return found.get("state") if found else None
 
 
 def set_run_note(dag_id: str, run_id: str, note: str) -> bool:
