@@ -101,6 +101,15 @@ class ComposeStack:
 
     def down(self) -> None:
         self.compose("down", "-v", "--remove-orphans", check=False)
+        # The GPUs' network-namespace holders the GPU workers started through the host's Docker
+        # (docs/production.md): compose does not know them.
+        holders = subprocess.run(["docker", "ps", "-aq", "--filter", "label=org.raddeploy.netns"],
+                                 capture_output=True, text=True).stdout.split()
+        for holder in holders:
+            label = subprocess.run(["docker", "inspect", "-f", '{{index .Config.Labels "org.raddeploy.netns"}}', holder],
+                                   capture_output=True, text=True).stdout.strip()
+            if label.startswith("/var/lib/raddeploy/gpu-locks/"):
+                subprocess.run(["docker", "rm", "-f", holder], capture_output=True)
         # The data dir belongs to uid 50000 now: removed as root by the test, not by the stack.
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
