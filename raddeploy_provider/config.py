@@ -406,7 +406,7 @@ SETTINGS: tuple[Setting, ...] = (
             "that outlives the model: Docker starts a container a few tenths of a second sooner when it "
             "need not make the network sandbox (README, \"Measured (2 cores, loopback, Nov 2026)\"). The GPU's lease gives the namespace "
             "to one model at a time; CPU models and models with `network: bridge` get their own. Empty, or "
-            "the image not on the host: every model gets its own.", MODELS, shown="raddeploy/busybox:latest"),
+            "the image not on the host: every model gets its own.", MODELS),
     # -- Notifications
     Setting("NOTIFY_ON", "notify_on", ",".join(DEFAULT_EVENTS), _events,
             "Which events notify (`delivery` too, if wanted; empty: none). A flow's `notify` overrides this "
