@@ -218,3 +218,14 @@ def cpu_seconds_by_component(root: int | None = None) -> dict[str, float]:
         name = next((component for marker, component in COMPONENTS if marker in cmd), "other")
         totals[name] = totals.get(name, 0.0) + cpu
     return totals
+
+
+def add_env_option(parser) -> None:
+    """``--env NAME=VALUE`` (repeatable): a setting for the benchmark's stack, to compare one
+    against the defaults; :func:`stack_env` reads them back."""
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="a setting for the stack, to compare one against the defaults (repeatable)")
+
+
+def stack_env(args) -> dict[str, str]:
+    return dict(pair.split("=", 1) for pair in args.env)

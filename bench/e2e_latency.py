@@ -20,7 +20,9 @@ from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import add_env_option, stack_env  # noqa: E402
 from dicom_factory import make_series  # noqa: E402
 from peers import StoreSCP, free_port, storescu  # noqa: E402
 
@@ -44,8 +46,7 @@ def main() -> None:
     parser.add_argument("--studies", type=int, default=5)
     parser.add_argument("--slices", type=int, default=50)
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                        help="a setting for the stack, to compare one against the defaults (repeatable)")
+    add_env_option(parser)
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="raddeploy-bench-"))
@@ -55,7 +56,7 @@ def main() -> None:
     flows.mkdir()
     (flows / "bench.yaml").write_text(FLOW.replace("PORT", str(dest.port)))
     stack = EmbeddedStack(home=work / "home", flows_dir=flows, api_port=free_port(), dicom_port=free_port(),
-                          listen_host="127.0.0.1", extra_env=dict(pair.split("=", 1) for pair in args.env))
+                          listen_host="127.0.0.1", extra_env=stack_env(args))
     stack.start()
     totals, pushes, direct, to_model = [], [], [], []
     try:

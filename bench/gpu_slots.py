@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import cpu_seconds_by_component  # noqa: E402
+from common import add_env_option, cpu_seconds_by_component, stack_env  # noqa: E402
 from dicom_factory import make_series  # noqa: E402
 from peers import free_port, storescu  # noqa: E402
 
@@ -143,8 +143,7 @@ def main() -> None:
     parser.add_argument("--cpu-flow", action="store_true", help="a second flow, with a CPU model, on every study")
     parser.add_argument("--burst", action="store_true", help="50 studies of 20 slices, GPU and CPU flows")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (the stack's logs) to look into")
-    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                        help="a setting for the stack, to compare one against the defaults (repeatable)")
+    add_env_option(parser)
     args = parser.parse_args()
     if args.burst:
         args.studies, args.slices, args.cpu_flow = 50, 20, True
@@ -160,7 +159,7 @@ def main() -> None:
                           listen_host="127.0.0.1",
                           extra_env={"RADDEPLOY_GPUS": "0,1", "RADDEPLOY_GPU_MODE": "env",
                                      "RADDEPLOY_GPU_LOCK_DIR": str(work / "locks"),
-                                     **dict(pair.split("=", 1) for pair in args.env)})
+                                     **stack_env(args)})
     studies = [make_series(work / f"s{i}", slices=args.slices if i else 1, size=64 if args.slices > 1 else 16)
                for i in range(args.studies + 1)]
     round_s = docker_round(args.sleep)  # on the quiet machine, before the stack starts

@@ -24,6 +24,7 @@ and triggerer log servers, which Airflow itself binds to every interface: see
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -566,22 +567,16 @@ def airflow_process_started() -> None:
     uvicorn.run = loopback_run
 
 
-_preloaded: list[str] = []
-
-
-def _preload_once(modules: tuple[str, ...] = DAG_PROCESSOR_PRELOAD) -> None:
-    """Import ``modules`` in this process, once, for the children it forks from now on. A module
-    that fails to import is left to each child, whose parse reports the error where people look
-    (the UI's import errors): a DAG processor that cannot fork would say less."""
+@functools.cache
+def _preload_once() -> None:
+    """Import DAG_PROCESSOR_PRELOAD in this process, once, for the children it forks from now on.
+    A module that fails to import is left to each child, whose parse reports the error where
+    people look (the UI's import errors): a DAG processor that cannot fork would say less."""
     import importlib
 
-    if _preloaded:
-        return
-    _preloaded.append("tried")
-    for name in modules:
+    for name in DAG_PROCESSOR_PRELOAD:
         try:
             importlib.import_module(name)
-            _preloaded.append(name)
         except Exception as exc:  # noqa: BLE001 - said, and left to the parse
             print(f"raddeploy: preloading {name} failed ({exc}); each parse will import it", file=sys.stderr)
 

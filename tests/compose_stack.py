@@ -19,7 +19,14 @@ import subprocess
 import time
 from pathlib import Path
 
+import docker
+
 from peers import free_port, wait_for
+
+from raddeploy_provider.gpu import remove_netns_holders
+
+#: Where docker-compose.yaml mounts each GPU worker's lease volume (the holders' label names it).
+GPU_LOCKS_IN_WORKERS = Path("/var/lib/raddeploy/gpu-locks")
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "docker-compose.yaml"
@@ -103,13 +110,11 @@ class ComposeStack:
         self.compose("down", "-v", "--remove-orphans", check=False)
         # The GPUs' network-namespace holders the GPU workers started through the host's Docker
         # (docs/production.md): compose does not know them.
-        holders = subprocess.run(["docker", "ps", "-aq", "--filter", "label=org.raddeploy.netns"],
-                                 capture_output=True, text=True).stdout.split()
-        for holder in holders:
-            label = subprocess.run(["docker", "inspect", "-f", '{{index .Config.Labels "org.raddeploy.netns"}}', holder],
-                                   capture_output=True, text=True).stdout.strip()
-            if label.startswith("/var/lib/raddeploy/gpu-locks/"):
-                subprocess.run(["docker", "rm", "-f", holder], capture_output=True)
+        client = docker.from_env()
+        try:
+            remove_netns_holders(client.api, GPU_LOCKS_IN_WORKERS)
+        finally:
+            client.close()
         # The data dir belongs to uid 50000 now: removed as root by the test, not by the stack.
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
