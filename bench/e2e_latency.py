@@ -27,6 +27,7 @@ from dicom_factory import make_series  # noqa: E402
 from peers import StoreSCP, free_port, storescu  # noqa: E402
 
 from raddeploy.embedded import EmbeddedStack  # noqa: E402
+from raddeploy_provider.airflow_client import AirflowClient  # noqa: E402
 
 QUIET = 2.0
 FLOW = f"""
@@ -59,6 +60,8 @@ def main() -> None:
                           listen_host="127.0.0.1", extra_env=stack_env(args))
     stack.start()
     totals, pushes, direct, to_model = [], [], [], []
+    stages: dict[str, list[float]] = {}
+    client = AirflowClient(stack.api_url, "admin", stack.passwords()["admin"])
     try:
         for i in range(args.studies + 1):  # study 0 warms Airflow's lazily built parts up
             series = make_series(work / f"ct{i}", slices=args.slices, size=args.size)
@@ -85,6 +88,8 @@ def main() -> None:
             print(f"{tag:>8}: push {push_s:5.2f} s (storescp {direct_s:5.2f} s)   push -> delivered {total:6.2f} s"
                   f"   last instance -> model start {beyond_quiet:+5.2f} s beyond the quiet period")
             if i:
+                for name, seconds in _stages(client, series.study_uid, pushed_at + QUIET).items():
+                    stages.setdefault(name, []).append(seconds)
                 to_model.append(beyond_quiet)
                 totals.append(total)
                 pushes.append(push_s)
@@ -102,7 +107,31 @@ def main() -> None:
     print(f"  of which beyond the quiet period and the push: {med(totals) - QUIET - med(pushes):.2f} s")
     print(f"last instance -> first model task start: median {med(to_model):.2f} s beyond the quiet period "
           f"(min {min(to_model):.2f}, max {max(to_model):.2f})")
+    print("  where it goes (Airflow's own timestamps, median s from the end of the quiet period):")
+    for name, values in stages.items():
+        print(f"    {name:<44} {med(values):5.2f}  (min {min(values):.2f}, max {max(values):.2f})")
     shutil.rmtree(work, ignore_errors=True)  # kept only when the benchmark failed, to look into
+
+
+def _stages(client: AirflowClient, study_uid: str, quiet_end: float) -> dict[str, float]:
+    """The run's milestones from Airflow's records, in seconds after the quiet period ended."""
+    run = next(r for r in client.dag_runs("bench_ct_threshold") if study_uid in json.dumps(r["conf"]))
+    status, body = client.get(f"/api/v2/dags/bench_ct_threshold/dagRuns/{run['dag_run_id']}/taskInstances")
+    assert status == 200, body
+    tis = {t["task_id"]: t for t in body["task_instances"]}
+    sensor = next(t for t in tis.values() if t["operator"] and "Sensor" in t["operator"])
+    model = tis["threshold"]
+
+    def at(value: str | None) -> float:
+        return datetime.fromisoformat(value).timestamp() - quiet_end if value else float("nan")
+    return {
+        "run queued (listener's trigger)": at(run["queued_at"]),
+        "run started (scheduler)": at(run["start_date"]),
+        "sensor started (deferred to the triggerer)": at(sensor["start_date"]),
+        "sensor ended (triggerer's event handled)": at(sensor["end_date"]),
+        "model task queued (scheduler)": at(model["queued_when"]),
+        "model task started (worker)": at(model["start_date"]),
+    }
 
 
 if __name__ == "__main__":
