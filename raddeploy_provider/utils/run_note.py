@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 import urllib.parse
 
 from raddeploy_provider.airflow_client import AirflowClient, AirflowUnavailable, TriggerRejected
@@ -30,8 +31,19 @@ def _client_for(url: str, user: str, password: str) -> AirflowClient:
     return AirflowClient(url, user, password, timeout=5)
 
 
+#: Seconds a pool's size read here is used again: the triggerer takes every run's input and would
+#: otherwise ask the API server once per GPU run, in a burst when it is busiest. An admin's change
+#: of the pool shows in run notes this much later.
+POOL_READ_TTL = 30.0
+_pool_reads: dict[str, tuple[float, int]] = {}
+
+
 def pool_slots(pool: str) -> int | None:
-    """The slots of an Airflow pool in all; None when it cannot be read."""
+    """The slots of an Airflow pool in all (read at most every ``POOL_READ_TTL`` s per process);
+    None when it cannot be read."""
+    read = _pool_reads.get(pool)
+    if read and time.monotonic() - read[0] < POOL_READ_TTL:
+        return read[1]
     client = _client()
     if client is None:
         return None
@@ -43,6 +55,7 @@ def pool_slots(pool: str) -> int | None:
     if status != 200 or not isinstance(payload, dict) or not isinstance(payload.get("slots"), int):
         log.info("pool %s not read: HTTP %s", pool, status)
         return None
+    _pool_reads[pool] = (time.monotonic(), payload["slots"])
     return payload["slots"]
 
 

@@ -14,6 +14,8 @@ from dicom_factory import make_series
 from peers import storescu, wait_for
 from stack_factory import add_flow, run_path, task_instances, task_log
 
+from raddeploy_provider.utils import run_note
+
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
 DAG_ID = "e2e_gpu_wait"
@@ -56,3 +58,24 @@ def test_a_gpu_task_that_cannot_be_scheduled_says_why_in_the_note_and_the_log(st
     # leave no run waiting in the session stack
     status, _ = airflow._request("PATCH", run_path(DAG_ID, run_id), {"state": "failed"})
     assert status == 200
+
+
+def test_a_pools_size_is_read_once_per_ttl_by_a_long_lived_process(stack, airflow, monkeypatch):
+    """The triggerer takes every run's input and reads the GPU pool for its shortfall note: once per
+    POOL_READ_TTL, not once per run, then the pool as it is now."""
+    for name, value in stack.environment().items():
+        if name.startswith("RADDEPLOY_AIRFLOW_"):
+            monkeypatch.setenv(name, value)
+    pool = "e2e_pool_read"
+    airflow.ensure_pool(pool, 3, "e2e: read once per TTL")
+    try:
+        run_note._pool_reads.clear()
+        assert run_note.pool_slots(pool) == 3
+        airflow.ensure_pool(pool, 5, "e2e: read once per TTL")
+        assert airflow.get(f"/api/v2/pools/{pool}")[1]["slots"] == 5
+        assert run_note.pool_slots(pool) == 3  # within the TTL: the size read before
+        monkeypatch.setattr(run_note, "POOL_READ_TTL", 0.0)
+        assert run_note.pool_slots(pool) == 5
+        assert run_note.pool_slots("e2e_no_such_pool") is None  # a 404 is not kept
+    finally:
+        airflow._request("DELETE", f"/api/v2/pools/{pool}", None)
