@@ -21,6 +21,18 @@ log = logging.getLogger("raddeploy.listener.outbox")
 
 #: A refused trigger waits 1 s, 2 s, 4 s, ... up to this long between tries.
 MAX_REFUSED_BACKOFF = 300.0
+#: Seconds the loop waits after Airflow first fails it; doubled for each pass that fails again.
+FIRST_BACKOFF = 0.5
+
+
+def next_wait(backoff: float, progressed: bool, max_backoff: float) -> tuple[float, float]:
+    """How long to wait after a pass Airflow failed (``AirflowUnavailable``), and the back-off
+    for the next failure. A pass that delivered some triggers before it failed met an Airflow
+    that is up and answered one request with an error (on SQLite, a 500 when its API server's
+    lock wait runs out in a burst): the back-off starts again, so that a burst is not delivered
+    seconds late. A pass that delivered nothing waits longer each time, up to ``max_backoff``."""
+    wait = FIRST_BACKOFF if progressed else backoff
+    return wait, min(wait * 2, max_backoff)
 
 
 class OutboxDelivery:
@@ -41,6 +53,8 @@ class OutboxDelivery:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
+        #: Triggers Airflow took since the start (a pass that took some before failing made progress).
+        self.delivered = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -54,24 +68,24 @@ class OutboxDelivery:
         self._thread.join(timeout=15)
 
     def _run(self) -> None:
-        backoff = 0.5
+        backoff = FIRST_BACKOFF
         while not self._stop.is_set():
             self._wake.clear()
+            delivered = self.delivered
             try:
                 self.deliver_pending()
                 due = self.index.next_trigger_due()  # in the try: an index briefly unreachable must not end it
             except AirflowUnavailable as exc:
-                log.warning("Airflow unreachable (%s); triggers stay in the outbox, retry in %.0f s",
-                            exc, backoff)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, self.max_backoff)
+                wait, backoff = next_wait(backoff, self.delivered > delivered, self.max_backoff)
+                log.warning("Airflow unreachable (%s); triggers stay in the outbox, retry in %.1f s", exc, wait)
+                self._stop.wait(wait)
                 continue
             except Exception:  # never let the delivery thread die: the listener would go deaf
                 log.exception("outbox delivery failed; retrying")
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.max_backoff)
                 continue
-            backoff = 0.5
+            backoff = FIRST_BACKOFF
             wait = 5.0 if due is None else min(5.0, max(0.0, due - time.time()))
             self._wake.wait(timeout=wait)
 
@@ -96,6 +110,7 @@ class OutboxDelivery:
                                 item.run_id, exc, delay)
                 continue
             self.index.mark_delivered(item.id)
+            self.delivered += 1
             log.info("run %s of %s %s", item.run_id, item.dag_id,
                      "triggered" if outcome.created else "already existed")
         return refused
