@@ -88,7 +88,7 @@ def main() -> None:
             print(f"{tag:>8}: push {push_s:5.2f} s (storescp {direct_s:5.2f} s)   push -> delivered {total:6.2f} s"
                   f"   last instance -> model start {beyond_quiet:+5.2f} s beyond the quiet period")
             if i:
-                for name, seconds in _stages(client, series.study_uid, pushed_at + QUIET).items():
+                for name, seconds in _stages(client, stack, series.study_uid, pushed_at + QUIET).items():
                     stages.setdefault(name, []).append(seconds)
                 to_model.append(beyond_quiet)
                 totals.append(total)
@@ -113,8 +113,9 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)  # kept only when the benchmark failed, to look into
 
 
-def _stages(client: AirflowClient, study_uid: str, quiet_end: float) -> dict[str, float]:
-    """The run's milestones from Airflow's records, in seconds after the quiet period ended."""
+def _stages(client: AirflowClient, stack: EmbeddedStack, study_uid: str, quiet_end: float) -> dict[str, float]:
+    """The run's milestones from Airflow's records and the trigger's log, in seconds after the
+    quiet period ended."""
     run = next(r for r in client.dag_runs("bench_ct_threshold") if study_uid in json.dumps(r["conf"]))
     status, body = client.get(f"/api/v2/dags/bench_ct_threshold/dagRuns/{run['dag_run_id']}/taskInstances")
     assert status == 200, body
@@ -124,10 +125,18 @@ def _stages(client: AirflowClient, study_uid: str, quiet_end: float) -> dict[str
 
     def at(value: str | None) -> float:
         return datetime.fromisoformat(value).timestamp() - quiet_end if value else float("nan")
+    logs = stack.home / "airflow" / "logs" / "dag_id=bench_ct_threshold" / f"run_id={run['dag_run_id']}"
+    fired = [json.loads(line)["timestamp"] for f in logs.glob("task_id=*/attempt=1.log.trigger.*.log")
+             for line in f.read_text().splitlines() if '"Trigger fired event"' in line
+             or '"event":"Trigger fired event"' in line]
+    ready = [json.loads(line)["timestamp"] for f in logs.glob("task_id=*/attempt=1.log.trigger.*.log")
+             for line in f.read_text().splitlines() if '"input ready' in line]
     return {
         "run queued (listener's trigger)": at(run["queued_at"]),
         "run started (scheduler)": at(run["start_date"]),
         "sensor started (deferred to the triggerer)": at(sensor["start_date"]),
+        "input taken (the trigger's log)": at(ready[0].replace("Z", "+00:00")) if ready else float("nan"),
+        "trigger fired (its log)": at(fired[0].replace("Z", "+00:00")) if fired else float("nan"),
         "sensor ended (triggerer's event handled)": at(sensor["end_date"]),
         "model task queued (scheduler)": at(model["queued_when"]),
         "model task started (worker)": at(model["start_date"]),
