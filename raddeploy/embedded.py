@@ -572,16 +572,25 @@ def airflow_process_started() -> None:
 
 @functools.cache
 def _preload_once() -> None:
-    """Import DAG_PROCESSOR_PRELOAD in this process, once, for the children it forks from now on.
-    A module that fails to import is left to each child, whose parse reports the error where
-    people look (the UI's import errors): a DAG processor that cannot fork would say less."""
+    """Import DAG_PROCESSOR_PRELOAD in this process, once, for the children it forks from now on."""
+    preload(DAG_PROCESSOR_PRELOAD)
+
+
+def preload(names: tuple[str, ...]) -> list[str]:
+    """Import ``names`` in this process, for the children it forks; the ones that failed, each said
+    on stderr. A module that fails is left to each child, whose parse or task reports the error
+    where people look (the UI's import errors, the task log): a parent that will not start or fork
+    would say less."""
     import importlib
 
-    for name in DAG_PROCESSOR_PRELOAD:
+    failed = []
+    for name in names:
         try:
             importlib.import_module(name)
-        except Exception as exc:  # noqa: BLE001 - said, and left to the parse
-            print(f"raddeploy: preloading {name} failed ({exc}); each parse will import it", file=sys.stderr)
+        except Exception as exc:  # noqa: BLE001 - said, and left to the children
+            print(f"raddeploy: preloading {name} failed ({exc}); each child will import it", file=sys.stderr)
+            failed.append(name)
+    return failed
 
 
 def exit_text(status: int | None, wait_status: bool = False) -> str:

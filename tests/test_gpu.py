@@ -339,7 +339,7 @@ def test_shortfall_counts_gpus_not_slots_at_a_deeper_queue() -> None:
 
 
 def test_a_task_started_ahead_takes_the_lease_the_moment_the_gpu_frees(tmp_path) -> None:
-    """Queue depth 2: the next task waits started; the GPU passes to it within a lease poll (50 ms),
+    """Queue depth 2: the next task waits started; the GPU passes to it within a lease poll (gpu.POLL),
     not after a task start."""
     import threading
     locks = tmp_path / "locks"

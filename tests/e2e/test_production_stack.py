@@ -283,3 +283,17 @@ def test_placeholder_secrets_are_refused(images, tmp_path):
     config = stack.compose("config", check=False)
     assert config.returncode != 0
     assert "RADDEPLOY_ADMIN_PASSWORD" in config.stderr and "set it in .env" in config.stderr
+
+
+def test_workers_build_their_celery_app_with_the_task_preload(compose):
+    """The workers' Celery configuration (docker-compose.yaml's celery_config_options) imports
+    what a task start would import when a worker builds its app, before it forks its pool; the
+    scheduler, which builds the same app, imports none of it."""
+    code = ("import sys; sys.argv = ['airflow'] + sys.argv[1:]\n"
+            "import airflow.providers.celery.executors.celery_executor_utils as utils\n"
+            "from raddeploy.embedded import TASK_PRELOAD\n"
+            "print(utils.app.conf.broker_url.split(':')[0], sorted(m for m in TASK_PRELOAD if m not in sys.modules))")
+    worker = compose.compose("exec", "-T", "worker-gpu", "python", "-c", code, "celery", "worker")
+    assert worker.stdout.split("\n")[-2] == "redis []", worker.stdout + worker.stderr
+    scheduler = compose.compose("exec", "-T", "scheduler", "python", "-c", code, "scheduler")
+    assert "raddeploy_provider.dag_factory" in scheduler.stdout.split("\n")[-2], scheduler.stdout + scheduler.stderr
