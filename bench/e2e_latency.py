@@ -126,11 +126,10 @@ def _stages(client: AirflowClient, stack: EmbeddedStack, study_uid: str, quiet_e
     def at(value: str | None) -> float:
         return datetime.fromisoformat(value).timestamp() - quiet_end if value else float("nan")
     logs = stack.home / "airflow" / "logs" / "dag_id=bench_ct_threshold" / f"run_id={run['dag_run_id']}"
-    fired = [json.loads(line)["timestamp"] for f in logs.glob("task_id=*/attempt=1.log.trigger.*.log")
-             for line in f.read_text().splitlines() if '"Trigger fired event"' in line
-             or '"event":"Trigger fired event"' in line]
-    ready = [json.loads(line)["timestamp"] for f in logs.glob("task_id=*/attempt=1.log.trigger.*.log")
-             for line in f.read_text().splitlines() if '"input ready' in line]
+    events = [json.loads(line) for f in logs.glob("task_id=*/attempt=1.log.trigger.*.log")
+              for line in f.read_text().splitlines()]
+    fired = [e["timestamp"] for e in events if e.get("event") == "Trigger fired event"]
+    ready = [e["timestamp"] for e in events if str(e.get("event", "")).startswith("input ready")]
     return {
         "run queued (listener's trigger)": at(run["queued_at"]),
         "run started (scheduler)": at(run["start_date"]),

@@ -576,21 +576,17 @@ def _preload_once() -> None:
     preload(DAG_PROCESSOR_PRELOAD)
 
 
-def preload(names: tuple[str, ...]) -> list[str]:
-    """Import ``names`` in this process, for the children it forks; the ones that failed, each said
-    on stderr. A module that fails is left to each child, whose parse or task reports the error
-    where people look (the UI's import errors, the task log): a parent that will not start or fork
-    would say less."""
+def preload(names: tuple[str, ...]) -> None:
+    """Import ``names`` in this process, for the children it forks. A module that fails is said on
+    stderr and left to each child, whose parse or task reports the error where people look (the
+    UI's import errors, the task log): a parent that will not start or fork would say less."""
     import importlib
 
-    failed = []
     for name in names:
         try:
             importlib.import_module(name)
         except Exception as exc:  # noqa: BLE001 - said, and left to the children
             print(f"raddeploy: preloading {name} failed ({exc}); each child will import it", file=sys.stderr)
-            failed.append(name)
-    return failed
 
 
 def exit_text(status: int | None, wait_status: bool = False) -> str:
